@@ -1,0 +1,18 @@
+"""Literal aliases for option strings: one place, so choices cannot drift."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Sex = Literal["F", "M"]
+Device = Literal["auto", "cpu", "cuda"]
+SegmentDevice = Literal["auto", "cpu", "gpu"]
+AgeingEffect = Literal["volume", "fat_fraction", "water_signal"]
+PhenotypeType = Literal["binary", "continuous"]
+AttributionMethod = Literal["gradcam", "integrated_gradients", "ablation", "shapley"]
+ImportanceMeasure = Literal["share", "enrichment", "density", "abs_mass"]
+
+SEXES: tuple[Sex, ...] = ("F", "M")
+DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
+AGEING_EFFECTS: tuple[AgeingEffect, ...] = ("volume", "fat_fraction", "water_signal")
+PHENOTYPE_TYPES: tuple[PhenotypeType, ...] = ("binary", "continuous")

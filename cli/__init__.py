@@ -1,0 +1,1 @@
+"""The ``bodyage`` command line: parse options, call one library function, map errors."""

@@ -1,0 +1,81 @@
+"""The command-line skeleton: help, version, the one error path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from bodyage import __version__
+from cli.app import app
+
+runner = CliRunner()
+
+COMMANDS = [
+    "simulate",
+    "cohort",
+    "qc",
+    "segment",
+    "train",
+    "attribute",
+    "stats",
+    "compare",
+    "report",
+    "demo",
+    "bench",
+]
+
+
+def test_help_lists_every_command() -> None:
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in COMMANDS:
+        assert cmd in res.output
+
+
+def test_version() -> None:
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0
+    assert res.output.strip() == f"bodyage {__version__}"
+
+
+def test_usage_error_exits_2() -> None:
+    res = runner.invoke(app, ["simulate"])  # missing argument
+    assert res.exit_code == 2
+
+
+def test_library_error_is_one_line_and_exit_1(tmp_path) -> None:
+    # a study folder that does not exist -> StudyError from the library
+    res = subprocess.run(
+        [sys.executable, "-m", "cli.app", "qc", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "Traceback" not in res.stderr
+
+
+def test_debug_shows_traceback(tmp_path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "cli.app", "--debug", "qc", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 1
+    assert "Traceback" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("argv", [["bench"]])
+def test_unbuilt_commands_say_so(argv) -> None:
+    res = runner.invoke(app, argv)
+    if res.exit_code == 0:
+        pytest.skip(f"{argv[0]} is built")
+    assert res.exit_code == 1
+    assert "not built yet" in res.output
