@@ -47,22 +47,22 @@ def test_usage_error_exits_2() -> None:
 
 
 def test_library_error_is_one_line_and_exit_1(tmp_path) -> None:
-    # a study folder that does not exist -> StudyError from the library
+    # an unknown scenario -> ScenarioError from the library
     res = subprocess.run(
-        [sys.executable, "-m", "cli.app", "qc", str(tmp_path / "nope")],
+        [sys.executable, "-m", "cli.app", "simulate", str(tmp_path / "s"), "--scenario", "nope"],
         capture_output=True,
         text=True,
         check=False,
     )
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert lines == ["error: scenario 'nope' is neither a built-in scenario (default) nor a file"]
     assert "Traceback" not in res.stderr
 
 
 def test_debug_shows_traceback(tmp_path) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "cli.app", "--debug", "qc", str(tmp_path / "nope")],
+        [sys.executable, "-m", "cli.app", "--debug", "simulate", str(tmp_path / "s"), "--scenario", "nope"],
         capture_output=True,
         text=True,
         check=False,
