@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def load_volume(path: str | os.PathLike[str], *, ras: bool = True, dtype: npt.DT
         if ras:
             img = nib.as_closest_canonical(img)
         data = np.asanyarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
-    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as err:
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+        # zlib.error: a corrupt .nii.gz stream (not an OSError)
         raise InputError(f"{p}: cannot read NIfTI ({err})") from err
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
