@@ -11,8 +11,14 @@ AgeingEffect = Literal["volume", "fat_fraction", "water_signal"]
 PhenotypeType = Literal["binary", "continuous"]
 AttributionMethod = Literal["gradcam", "integrated_gradients", "ablation", "shapley"]
 ImportanceMeasure = Literal["share", "enrichment", "density", "abs_mass"]
+ImagesAs = Literal["link", "path", "copy"]
+QcFlag = Literal["unreadable", "nonfinite", "fat_water_swap", "missing_coverage", "extreme_intensity"]
 
 SEXES: tuple[Sex, ...] = ("F", "M")
 DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
 AGEING_EFFECTS: tuple[AgeingEffect, ...] = ("volume", "fat_fraction", "water_signal")
 PHENOTYPE_TYPES: tuple[PhenotypeType, ...] = ("binary", "continuous")
+#: how `cohort ukb` refers to the source NIfTIs: symlinks in STUDY/images, absolute paths, copies
+IMAGES_AS: tuple[ImagesAs, ...] = ("link", "path", "copy")
+#: the image-quality flags of `bodyage qc` (one boolean column each in STUDY/qc.csv)
+QC_FLAGS: tuple[QcFlag, ...] = ("unreadable", "nonfinite", "fat_water_swap", "missing_coverage", "extreme_intensity")
