@@ -1,0 +1,770 @@
+"""Reading a UK Biobank phenotype export: only the columns needed, in chunks.
+
+A UK Biobank export is a wide table, one row per participant (``eid``) and one column per
+(field, instance, array) — thousands of columns and ~500,000 rows. Three column-naming
+schemes are understood, so exports from ``ukbconv`` and from the Research Analysis
+Platform both work:
+
+==========================  ==========================  =====================
+scheme                      example                     eid column
+==========================  ==========================  =====================
+``ukbconv csv``             ``21003-2.0``               ``eid``
+``ukbconv r`` / tab         ``f.21003.2.0``             ``f.eid``
+Research Analysis Platform  ``p21003_i2``, ``p31``      ``eid``, ``participant.eid``
+==========================  ==========================  =====================
+
+:func:`read_layout` reads only the header; :func:`read_visits` then reads only the
+columns it needs (``usecols``) in chunks of rows, keeps only the participants asked for,
+and turns each chunk into one row per (participant, instance) before the next is read,
+so memory is bounded by the chunk size and the participants kept, not by the export.
+
+Conventions (each is a decision; see the README section "Real data: UK Biobank"):
+
+- **Negative codes are missing.** UK Biobank codes "do not know" (-1), "prefer not to
+  answer" (-3), "none of the above" (-7), "less than one" (-10), ... as negative
+  integers. In the standard fields and, by default, in ``--field`` fields every negative
+  number becomes missing; a ``--field`` with the ``signed`` option (``22009.1=pc1:signed``)
+  keeps negative values (genetic principal components, z-scores).
+- **Instances.** A value for a scan at instance *i* comes from the field's instance *i*.
+  Fields that are asked only once (sex 31, birth year 34, birth month 52, and any
+  ``--field`` without a column for instance *i*) fall back to the latest earlier
+  instance the export has; each fall-back is reported (``instance_sources``) and warned
+  about for ``--field`` fields. Visit-specific standard fields (age 21003, visit date 53,
+  centre 54, BMI 21001) never fall back.
+- **Age** in years as a float: from birth year 34, birth month 52 (birth taken as the
+  middle of the month) and the visit date 53 when all three are present and agree with
+  21003 (within 0.1 year of ``[21003, 21003 + 1)``); otherwise ``21003 + 0.5``, the
+  expected age of someone whose age in whole years is 21003, so scans without dates are
+  not biased half a year young against scans with them.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import io
+import lzma
+import os
+import re
+import warnings
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, cast
+
+import numpy as np
+import pandas as pd
+
+from bodyage.errors import BodyageWarning, InputError
+from bodyage.progress import NO_PROGRESS, Progress
+from bodyage.study import RESERVED_COLUMNS
+
+# ----------------------------------------------------------------------------- fields
+
+#: "Age when attended assessment centre" (whole years, per instance)
+AGE_FIELD = 21003
+#: "Year of birth" (instance 0)
+BIRTH_YEAR_FIELD = 34
+#: "Month of birth" (instance 0)
+BIRTH_MONTH_FIELD = 52
+#: "Date of attending assessment centre" (per instance)
+VISIT_DATE_FIELD = 53
+#: "Sex" (instance 0; coding 9: 0 female, 1 male)
+SEX_FIELD = 31
+#: "UK Biobank assessment centre" (per instance; coding 10)
+CENTRE_FIELD = 54
+#: "Body mass index (BMI)" (per instance)
+BMI_FIELD = 21001
+
+#: the imaging visit (2) and the first repeat imaging visit (3)
+IMAGING_INSTANCES: tuple[int, ...] = (2, 3)
+
+#: assessment centres of the imaging visits (coding 10); other codes become ``centre_<code>``
+UKB_CENTRES: dict[int, str] = {
+    11025: "Cheadle",
+    11026: "Reading",
+    11027: "Newcastle",
+    11028: "Bristol",
+}
+
+#: sex coding 9
+UKB_SEX: dict[int, str] = {0: "F", 1: "M"}
+
+#: fields whose value does not change between visits: they may come from an earlier instance
+_TIME_INVARIANT_FIELDS = frozenset({SEX_FIELD, BIRTH_YEAR_FIELD, BIRTH_MONTH_FIELD})
+
+#: standard fields, their cohort column (``None``: used to derive another column) and meaning
+STANDARD_FIELDS: dict[int, tuple[str | None, str]] = {
+    AGE_FIELD: ("age", "age at assessment (years)"),
+    BIRTH_YEAR_FIELD: (None, "year of birth"),
+    BIRTH_MONTH_FIELD: (None, "month of birth"),
+    VISIT_DATE_FIELD: (None, "date of attending assessment centre"),
+    SEX_FIELD: ("sex", "sex"),
+    CENTRE_FIELD: ("site", "assessment centre"),
+    BMI_FIELD: ("bmi", "body mass index"),
+}
+
+#: names of the columns :func:`read_visits` produces from the standard fields
+STANDARD_COLUMNS: tuple[str, ...] = ("subject_id", "visit", "age", "sex", "site", "bmi")
+
+Reducer = Literal["first", "mean", "min", "max", "any"]
+#: how several array entries of one instance become one value
+REDUCERS: tuple[Reducer, ...] = ("first", "mean", "min", "max", "any")
+
+EID_COLUMNS: tuple[str, ...] = ("eid", "f.eid", "participant.eid")
+
+_COLUMN_PATTERNS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"^(?P<field>\d+)-(?P<instance>\d+)\.(?P<array>\d+)$"),
+    re.compile(r"^f\.(?P<field>\d+)\.(?P<instance>\d+)\.(?P<array>\d+)$"),
+    re.compile(r"^(?:participant\.)?p(?P<field>\d+)(?:_i(?P<instance>\d+))?(?:_a(?P<array>\d+))?$"),
+)
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_FIELD_OPTION_RE = re.compile(r"^(?P<field>\d+)(?:\.(?P<array>\d+))?=(?P<name>[^:]*)(?::(?P<options>.*))?$")
+
+
+@dataclass(frozen=True)
+class FieldColumn:
+    """One column of an export: a field's value at one instance and array index."""
+
+    field: int
+    instance: int
+    array: int
+    column: str
+
+
+def parse_column(name: str) -> FieldColumn | None:
+    """Return the (field, instance, array) a column name encodes, or ``None``.
+
+    ``21003-2.0``, ``f.21003.2.0`` and ``p21003_i2`` all give field 21003, instance 2,
+    array 0; a Research Analysis Platform column without ``_i`` (``p31``) is instance 0.
+    """
+    for pattern in _COLUMN_PATTERNS:
+        m = pattern.match(name.strip())
+        if m:
+            return FieldColumn(
+                field=int(m["field"]),
+                instance=int(m["instance"] or 0),
+                array=int(m["array"] or 0),
+                column=name,
+            )
+    return None
+
+
+@dataclass(frozen=True)
+class FieldRequest:
+    """A field to copy into the cohort as a phenotype column (``--field``).
+
+    Attributes
+    ----------
+    field
+        UK Biobank field id, e.g. 2443.
+    name
+        Cohort column name, e.g. ``diabetes``.
+    array
+        Use only this array index (``--field 22009.1=pc1``); ``None``: all of them.
+    reduce
+        How several array entries become one value: ``first`` (the first non-missing
+        entry; the default, and the only choice needing no option when the field has one
+        entry per instance), ``mean``, ``min``, ``max`` (numbers) or ``any`` (1 when any
+        entry equals one of ``codes``, else 0: multiple-choice fields such as 20002).
+    codes
+        The codes ``any`` looks for, as written in the export.
+    signed
+        Keep negative numbers (otherwise negative codes become missing).
+    """
+
+    field: int
+    name: str
+    array: int | None = None
+    reduce: Reducer | None = None
+    codes: tuple[str, ...] = ()
+    signed: bool = False
+
+    def describe(self) -> str:
+        """The option as a user would write it."""
+        opts = []
+        if self.reduce == "any":
+            opts.append("any=" + ",".join(self.codes))
+        elif self.reduce is not None:
+            opts.append(self.reduce)
+        if self.signed:
+            opts.append("signed")
+        array = f".{self.array}" if self.array is not None else ""
+        return f"{self.field}{array}={self.name}" + (":" + ":".join(opts) if opts else "")
+
+
+def parse_field_option(text: str) -> FieldRequest:
+    """Parse a ``--field`` option: ``FIELD[.ARRAY]=NAME[:OPTION]...``.
+
+    Options: ``first``, ``mean``, ``min``, ``max``, ``any=CODE[,CODE...]``, ``signed``.
+    Examples: ``2443=diabetes``, ``4080=sbp:mean``, ``20002=diabetes_sr:any=1220,1223``,
+    ``22009.1=pc1:signed``.
+
+    Raises
+    ------
+    InputError
+        Naming the option and what is wrong with it.
+    """
+    m = _FIELD_OPTION_RE.match(text.strip())
+    if not m:
+        raise InputError(f"--field {text!r}: expected FIELD[.ARRAY]=NAME[:OPTION], e.g. 2443=diabetes or 4080=sbp:mean")
+    name = m["name"].strip()
+    if not _NAME_RE.match(name):
+        raise InputError(
+            f"--field {text!r}: column name {name!r} must start with a letter or _ and hold only letters, digits and _"
+        )
+    reduce: Reducer | None = None
+    codes: tuple[str, ...] = ()
+    signed = False
+    for opt in m["options"].split(":") if m["options"] is not None else []:
+        opt = opt.strip()
+        if opt == "signed":
+            signed = True
+            continue
+        if opt.startswith("any="):
+            new: Reducer = "any"
+            codes = tuple(c.strip() for c in opt[4:].split(",") if c.strip())
+            if not codes:
+                raise InputError(f"--field {text!r}: 'any=' needs at least one code, e.g. any=1220,1223")
+        elif opt in REDUCERS and opt != "any":
+            new = cast(Reducer, opt)
+        else:
+            raise InputError(
+                f"--field {text!r}: unknown option {opt!r}; options are first, mean, min, max, any=CODE[,CODE], signed"
+            )
+        if reduce is not None:
+            raise InputError(f"--field {text!r}: give one of first/mean/min/max/any, not both {reduce} and {new}")
+        reduce = new
+    return FieldRequest(
+        field=int(m["field"]),
+        name=name,
+        array=int(m["array"]) if m["array"] is not None else None,
+        reduce=reduce,
+        codes=codes,
+        signed=signed,
+    )
+
+
+def check_field_requests(requests: Sequence[FieldRequest]) -> None:
+    """Check that ``--field`` names are unique and clash with no cohort column.
+
+    Raises
+    ------
+    InputError
+        Naming the clashing name.
+    """
+    taken = {*RESERVED_COLUMNS, *STANDARD_COLUMNS, "water", "fat"}
+    seen: dict[str, FieldRequest] = {}
+    for req in requests:
+        if req.name in taken:
+            raise InputError(
+                f"--field {req.describe()}: column name {req.name!r} is already used by bodyage "
+                f"({', '.join(sorted(taken))}); choose another name"
+            )
+        if req.name in seen:
+            raise InputError(
+                f"--field {req.describe()}: column name {req.name!r} is also given to "
+                f"--field {seen[req.name].describe()}"
+            )
+        seen[req.name] = req
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """The header of an export: which columns hold which (field, instance, array).
+
+    Attributes
+    ----------
+    path
+        The export file.
+    sep
+        Column separator (``,`` or tab).
+    eid_column
+        Name of the participant id column.
+    columns
+        ``{field: {instance: {array: column name}}}`` for every field column.
+    n_columns
+        Number of columns in the header.
+    """
+
+    path: Path
+    sep: str
+    eid_column: str
+    columns: Mapping[int, Mapping[int, Mapping[int, str]]] = field(repr=False)
+    n_columns: int = 0
+
+    def has_field(self, field_id: int) -> bool:
+        """Whether the export has any column of ``field_id``."""
+        return field_id in self.columns
+
+    def instances_of(self, field_id: int) -> list[int]:
+        """Instances of ``field_id`` the export has, in increasing order."""
+        return sorted(self.columns.get(field_id, {}))
+
+    def resolve_instance(self, field_id: int, instance: int, *, fall_back: bool) -> int | None:
+        """The instance to read ``field_id`` from for a visit at ``instance``.
+
+        ``instance`` itself when the export has it; otherwise, with ``fall_back``, the
+        latest earlier instance it has; otherwise ``None``.
+        """
+        have = self.instances_of(field_id)
+        if instance in have:
+            return instance
+        if fall_back:
+            earlier = [i for i in have if i < instance]
+            if earlier:
+                return earlier[-1]
+        return None
+
+    def columns_for(self, field_id: int, instance: int, array: int | None = None) -> list[str]:
+        """Column names of ``field_id`` at ``instance`` in array order (one array if given)."""
+        arrays = self.columns.get(field_id, {}).get(instance, {})
+        if array is not None:
+            return [arrays[array]] if array in arrays else []
+        return [arrays[a] for a in sorted(arrays)]
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return cast(io.TextIOBase, gzip.open(path, "rt", encoding="utf-8", newline=""))
+    if suffix == ".bz2":
+        return cast(io.TextIOBase, bz2.open(path, "rt", encoding="utf-8", newline=""))
+    if suffix == ".xz":
+        return cast(io.TextIOBase, lzma.open(path, "rt", encoding="utf-8", newline=""))
+    return cast(io.TextIOBase, open(path, encoding="utf-8", newline=""))
+
+
+def read_layout(path: str | os.PathLike[str]) -> ExportLayout:
+    """Read the header of a UK Biobank export (nothing else).
+
+    Raises
+    ------
+    InputError
+        If the file is missing, empty, has no eid column, has no field columns or names
+        one (field, instance, array) twice.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: phenotype export not found")
+    try:
+        with _open_text(p) as fh:
+            first = fh.readline()
+    except (OSError, UnicodeDecodeError, EOFError, lzma.LZMAError) as err:
+        raise InputError(f"{p}: cannot read the phenotype export ({err})") from err
+    if not first.strip():
+        raise InputError(f"{p}: the phenotype export is empty (no header line)")
+    sep = "\t" if first.count("\t") > first.count(",") else ","
+    header = next(csv.reader([first], delimiter=sep))
+    header = [h.strip() for h in header]
+    eid = next((h for h in header if h in EID_COLUMNS), None)
+    if eid is None:
+        raise InputError(
+            f"{p}: no participant id column; expected one of {', '.join(EID_COLUMNS)} "
+            f"(the header starts {', '.join(header[:4])})"
+        )
+    columns: dict[int, dict[int, dict[int, str]]] = {}
+    for name in header:
+        fc = parse_column(name)
+        if fc is None:
+            continue
+        arrays = columns.setdefault(fc.field, {}).setdefault(fc.instance, {})
+        if fc.array in arrays:
+            raise InputError(
+                f"{p}: columns {arrays[fc.array]!r} and {name!r} both hold field {fc.field}, "
+                f"instance {fc.instance}, array {fc.array}"
+            )
+        arrays[fc.array] = name
+    if not columns:
+        raise InputError(f"{p}: no UK Biobank field columns (expected names like 21003-2.0, f.21003.2.0 or p21003_i2)")
+    return ExportLayout(path=p, sep=sep, eid_column=eid, columns=columns, n_columns=len(header))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class ExportVisits:
+    """One row per (participant, requested instance), read from an export.
+
+    Attributes
+    ----------
+    table
+        Columns ``subject_id`` (str), ``visit`` (int), ``age`` (float, NaN if unknown),
+        ``sex`` ("F"/"M"/NA), ``site`` (str/NA), ``bmi`` (float; absent if the export has
+        no field 21001), then one column per :class:`FieldRequest`.
+    n_participants
+        Participants read (after the ``eids`` filter).
+    age_sources
+        Rows by where their age came from: ``fractional``, ``whole_years`` (21003 +
+        0.5), ``conflict`` (fractional age disagreed with 21003; 21003 + 0.5 used),
+        ``missing``.
+    instance_sources
+        ``{column: {visit: instance read}}`` wherever a field was read from an instance
+        other than the visit's.
+    columns_read
+        The export columns read.
+    """
+
+    table: pd.DataFrame = field(repr=False)
+    n_participants: int
+    age_sources: Mapping[str, int]
+    instance_sources: Mapping[str, Mapping[int, int]]
+    columns_read: tuple[str, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which columns feed which output column at each visit."""
+
+    columns: dict[tuple[str, int], list[str]]  # (output name, visit) -> export columns
+    instance_sources: dict[str, dict[int, int]]
+    has_bmi: bool
+
+    @property
+    def usecols(self) -> list[str]:
+        out: list[str] = []
+        for cols in self.columns.values():
+            out.extend(c for c in cols if c not in out)
+        return out
+
+
+def plan_columns(layout: ExportLayout, instances: Sequence[int], requests: Sequence[FieldRequest]) -> _Plan:
+    """Decide which export columns to read for each output column and visit.
+
+    Raises
+    ------
+    InputError
+        If a required standard field (age, sex, centre) or a requested field is absent,
+        or a field with several array entries per instance has no reducer.
+    """
+    p = layout.path
+    if not layout.has_field(AGE_FIELD) and not all(
+        layout.has_field(f) for f in (BIRTH_YEAR_FIELD, BIRTH_MONTH_FIELD, VISIT_DATE_FIELD)
+    ):
+        raise InputError(
+            f"{p}: no column for field {AGE_FIELD} (age at assessment) nor for all of fields {BIRTH_YEAR_FIELD}, "
+            f"{BIRTH_MONTH_FIELD}, {VISIT_DATE_FIELD} (birth year, birth month, visit date); the export needs age"
+        )
+    for fid in (SEX_FIELD, CENTRE_FIELD):
+        if not layout.has_field(fid):
+            raise InputError(f"{p}: no column for field {fid} ({STANDARD_FIELDS[fid][1]}); add it to the export")
+    columns: dict[tuple[str, int], list[str]] = {}
+    sources: dict[str, dict[int, int]] = {}
+
+    def take(out: str, fid: int, visit: int, *, fall_back: bool, array: int | None = 0) -> None:
+        inst = layout.resolve_instance(fid, visit, fall_back=fall_back)
+        if inst is None:
+            columns[(out, visit)] = []
+            return
+        if inst != visit:
+            sources.setdefault(out, {})[visit] = inst
+        columns[(out, visit)] = layout.columns_for(fid, inst, array)
+
+    for visit in instances:
+        take("_age_years", AGE_FIELD, visit, fall_back=False)
+        take("_birth_year", BIRTH_YEAR_FIELD, visit, fall_back=True)
+        take("_birth_month", BIRTH_MONTH_FIELD, visit, fall_back=True)
+        take("_visit_date", VISIT_DATE_FIELD, visit, fall_back=False)
+        take("sex", SEX_FIELD, visit, fall_back=True)
+        take("site", CENTRE_FIELD, visit, fall_back=False)
+        if layout.has_field(BMI_FIELD):
+            take("bmi", BMI_FIELD, visit, fall_back=False)
+    for req in requests:
+        if not layout.has_field(req.field):
+            raise InputError(f"--field {req.describe()}: the export {p} has no column of field {req.field}")
+        for visit in instances:
+            take(req.name, req.field, visit, fall_back=True, array=req.array)
+            cols = columns[(req.name, visit)]
+            inst = layout.resolve_instance(req.field, visit, fall_back=True)
+            if req.array is not None and not cols and inst is not None:
+                raise InputError(
+                    f"--field {req.describe()}: the export has no array {req.array} of field {req.field} "
+                    f"at instance {inst}"
+                )
+            if len(cols) > 1 and req.reduce is None:
+                raise InputError(
+                    f"--field {req.describe()}: field {req.field} has {len(cols)} entries per instance "
+                    f"({', '.join(cols[:3])}{', ...' if len(cols) > 3 else ''}); say how to combine them, e.g. "
+                    f"{req.field}={req.name}:mean (first, mean, min, max, any=CODE,...) or pick one with "
+                    f"{req.field}.{_array_of(cols[0])}={req.name}"
+                )
+        missing = [v for v in instances if not columns[(req.name, v)]]
+        if missing:
+            warnings.warn(
+                f"field {req.field} ({req.name}) has no instance at or before visit(s) "
+                f"{', '.join(map(str, missing))} in the export; those values are missing",
+                BodyageWarning,
+                stacklevel=3,
+            )
+        if sources.get(req.name):
+            used = ", ".join(f"instance {i} for visit {v}" for v, i in sorted(sources[req.name].items()))
+            warnings.warn(
+                f"field {req.field} ({req.name}) has no column at some imaging instances; using {used}",
+                BodyageWarning,
+                stacklevel=3,
+            )
+    return _Plan(columns=columns, instance_sources=sources, has_bmi=layout.has_field(BMI_FIELD))
+
+
+def _array_of(column: str) -> int:
+    fc = parse_column(column)
+    return fc.array if fc is not None else 0
+
+
+def _numbers(frame: pd.DataFrame, cols: list[str], *, signed: bool, what: str) -> pd.DataFrame:
+    """Parse string columns as floats; negative codes -> NaN unless ``signed``."""
+    out = {}
+    for c in cols:
+        raw = frame[c]
+        num = pd.to_numeric(raw, errors="coerce")
+        bad = raw.notna() & num.isna()
+        if bad.any():
+            raise InputError(f"column {c} ({what}) holds {raw[bad].iloc[0]!r}, not a number")
+        out[c] = num if signed else num.where(num >= 0)
+    return pd.DataFrame(out, index=frame.index, dtype=float)
+
+
+def _first(frame: pd.DataFrame, cols: list[str]) -> pd.Series:
+    """First non-missing entry across ``cols`` (left to right)."""
+    if not cols:
+        return pd.Series(np.nan, index=frame.index, dtype=float)
+    out = frame[cols[0]]
+    for c in cols[1:]:
+        out = out.where(out.notna(), frame[c])
+    return out
+
+
+def _decimal_year(dates: pd.Series) -> pd.Series:
+    d = pd.to_datetime(dates, format="ISO8601", errors="coerce")
+    days = np.where(d.dt.is_leap_year.fillna(False).to_numpy(dtype=bool), 366.0, 365.0)
+    return d.dt.year + (d.dt.day_of_year - 0.5) / days
+
+
+def _sex(chunk: pd.DataFrame, cols: list[str]) -> pd.Series:
+    """Sex as "F"/"M"/NA from coding 9 (0/1) or from the labels Female/Male."""
+    if not cols:
+        return pd.Series(pd.NA, index=chunk.index, dtype="string")
+    raw = _first(chunk, cols)
+    labels = raw.astype("string").str.strip().str.lower().map({"female": "F", "male": "M"})
+    codes = pd.to_numeric(raw, errors="coerce").map(UKB_SEX)
+    bad = raw.notna() & labels.isna() & codes.isna() & (pd.to_numeric(raw, errors="coerce").fillna(0) >= 0)
+    if bad.any():
+        raise InputError(f"column {cols[0]} (sex) holds {raw[bad].iloc[0]!r}; expected 0/1 (coding 9) or Female/Male")
+    return codes.where(codes.notna(), labels).astype("string")
+
+
+def _site(chunk: pd.DataFrame, cols: list[str]) -> pd.Series:
+    """Centre name from coding 10 (imaging centres named, others ``centre_<code>``) or a label."""
+    if not cols:
+        return pd.Series(pd.NA, index=chunk.index, dtype="string")
+    raw = _first(chunk, cols).astype("string").str.strip()
+    code = pd.to_numeric(raw, errors="coerce")
+    code = code.where(code >= 0)
+    named = code.map(UKB_CENTRES)
+    other = "centre_" + code.astype("Int64").astype("string")
+    out = named.where(named.notna(), other)
+    is_label = raw.notna() & pd.to_numeric(raw, errors="coerce").isna()
+    return out.where(~is_label, raw).astype("string")
+
+
+def _derive_chunk(
+    chunk: pd.DataFrame,
+    eid_column: str,
+    plan: _Plan,
+    instances: Sequence[int],
+    requests: Sequence[FieldRequest],
+) -> pd.DataFrame:
+    """Turn one chunk of the wide export into rows per (participant, visit)."""
+    rows = []
+    eids = chunk[eid_column].astype(str).str.strip()
+    for visit in instances:
+
+        def cols(name: str, v: int = visit) -> list[str]:
+            return plan.columns[(name, v)]
+
+        def number(name: str) -> pd.Series:
+            c = cols(name)
+            if not c:
+                return pd.Series(np.nan, index=chunk.index, dtype=float)
+            return _first(_numbers(chunk, c, signed=False, what=name.lstrip("_")), c)
+
+        whole = number("_age_years")
+        birth = number("_birth_year") + (number("_birth_month") - 0.5) / 12.0
+        date_cols = cols("_visit_date")
+        visit_year = _decimal_year(_first(chunk, date_cols)) if date_cols else pd.Series(np.nan, index=chunk.index)
+        fractional = (visit_year - birth).astype(float)
+        agree = fractional.between(whole - 0.1, whole + 1.1) | whole.isna()
+        use_frac = fractional.notna() & agree
+        age = fractional.where(use_frac, whole + 0.5)
+        source = np.select(
+            [use_frac.to_numpy(), (fractional.notna() & ~agree).to_numpy(), whole.notna().to_numpy()],
+            ["fractional", "conflict", "whole_years"],
+            default="missing",
+        )
+        out = pd.DataFrame(
+            {
+                "subject_id": eids,
+                "visit": visit,
+                "age": age.astype(float),
+                "sex": _sex(chunk, cols("sex")),
+                "site": _site(chunk, cols("site")),
+                "age_source": source,
+            },
+            index=chunk.index,
+        )
+        if plan.has_bmi:
+            out["bmi"] = number("bmi")
+        for req in requests:
+            out[req.name] = _requested(chunk, cols(req.name), req)
+        rows.append(out)
+    return pd.concat(rows, ignore_index=True)
+
+
+def _requested(chunk: pd.DataFrame, cols: list[str], req: FieldRequest) -> pd.Series:
+    """One value per row of ``chunk`` for a ``--field`` request (strings for ``first``)."""
+    if not cols:
+        return pd.Series(pd.NA, index=chunk.index, dtype="object")
+    how = req.reduce or "first"
+    if how == "first":
+        return _first(chunk, cols).astype("object")
+    if how == "any":
+        frame = chunk[cols]
+        numeric_codes = pd.to_numeric(pd.Series(req.codes), errors="coerce")
+        if numeric_codes.notna().all():
+            values = frame.apply(pd.to_numeric, errors="coerce")
+            hit = values.isin(set(numeric_codes.astype(float))).any(axis=1)
+        else:
+            hit = frame.apply(lambda s: s.str.strip()).isin(set(req.codes)).any(axis=1)
+        return hit.astype(float)
+    nums = _numbers(chunk, cols, signed=req.signed, what=f"field {req.field}, {how}")
+    if how == "mean":
+        return nums.mean(axis=1)
+    if how == "min":
+        return nums.min(axis=1)
+    return nums.max(axis=1)
+
+
+def _finish_first(values: pd.Series, req: FieldRequest) -> pd.Series:
+    """Make a ``first`` column numeric when every value is a number; negative codes -> NaN."""
+    present = values.dropna()
+    num = pd.to_numeric(present, errors="coerce")
+    if len(present) and num.isna().any():
+        return values.astype("string")
+    out = pd.to_numeric(values, errors="coerce").astype(float)
+    return out if req.signed else out.where(out >= 0)
+
+
+def iter_export_chunks(
+    layout: ExportLayout, usecols: Sequence[str], *, chunksize: int = 50_000
+) -> Iterator[pd.DataFrame]:
+    """Yield chunks of rows of ``usecols`` (plus the eid column), all as strings.
+
+    Raises
+    ------
+    InputError
+        If the file cannot be parsed.
+    """
+    wanted = [layout.eid_column, *[c for c in usecols if c != layout.eid_column]]
+    try:
+        reader = pd.read_csv(
+            layout.path,
+            sep=layout.sep,
+            usecols=wanted,
+            dtype=str,
+            chunksize=chunksize,
+            skipinitialspace=True,
+        )
+        yield from reader
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"{layout.path}: cannot be parsed as a UK Biobank export ({err})") from err
+
+
+def read_visits(
+    layout: ExportLayout | str | os.PathLike[str],
+    *,
+    instances: Sequence[int] = IMAGING_INSTANCES,
+    fields: Iterable[FieldRequest | str] = (),
+    eids: Collection[str] | None = None,
+    chunksize: int = 50_000,
+    progress: Progress = NO_PROGRESS,
+) -> ExportVisits:
+    """Read age, sex, centre, BMI and requested fields per (participant, instance).
+
+    Parameters
+    ----------
+    layout
+        An export, or its :func:`read_layout`.
+    instances
+        Visits to produce rows for (imaging: 2 and 3).
+    fields
+        Extra phenotype fields, as :class:`FieldRequest` or ``--field`` strings.
+    eids
+        Keep only these participants (ids as strings); ``None`` keeps everyone.
+    chunksize
+        Rows read at a time: peak memory grows with it.
+    progress
+        Advanced once per chunk.
+
+    Returns
+    -------
+    ExportVisits
+        ``len(instances)`` rows per participant kept, in export order, instance-major
+        within each chunk.
+
+    Raises
+    ------
+    InputError
+        Missing file or columns, a duplicate eid, a non-number in a numeric field.
+    """
+    lay = layout if isinstance(layout, ExportLayout) else read_layout(layout)
+    requests = [f if isinstance(f, FieldRequest) else parse_field_option(f) for f in fields]
+    check_field_requests(requests)
+    insts = [int(i) for i in instances]
+    if not insts or any(i < 0 for i in insts) or len(set(insts)) != len(insts):
+        raise InputError(f"instances must be distinct non-negative integers, got {insts}")
+    plan = plan_columns(lay, insts, requests)
+    keep = {str(e) for e in eids} if eids is not None else None
+    parts: list[pd.DataFrame] = []
+    seen: set[str] = set()
+    n_rows = 0
+    task = progress.task("read export", None)
+    for chunk in iter_export_chunks(lay, plan.usecols, chunksize=chunksize):
+        ids = chunk[lay.eid_column].astype(str).str.strip()
+        if ids.isna().any() or (ids == "").any() or ids.duplicated().any():
+            bad = int(np.flatnonzero((ids.isna() | (ids == "") | ids.duplicated()).to_numpy())[0])
+            raise InputError(f"{lay.path}: line {n_rows + bad + 2} has an empty or repeated participant id")
+        dup = ids[ids.isin(seen)] if keep is None else ids[ids.isin(seen) & ids.isin(keep)]
+        if len(dup):
+            line = n_rows + int(np.flatnonzero(ids.isin(dup).to_numpy())[0]) + 2
+            raise InputError(f"{lay.path}: line {line} repeats a participant id of an earlier line")
+        n_rows += len(chunk)
+        if keep is not None:
+            chunk = chunk[ids.isin(keep).to_numpy()]
+            ids = ids[ids.isin(keep)]
+        seen.update(ids)
+        if len(chunk):
+            derived = _derive_chunk(chunk, lay.eid_column, plan, insts, requests)
+            parts.append(derived)
+        task.advance(1, rows=n_rows)
+    task.close()
+    if parts:
+        table = pd.concat(parts, ignore_index=True)
+    else:
+        cols = ["subject_id", "visit", "age", "sex", "site", "age_source", *(["bmi"] if plan.has_bmi else [])]
+        table = pd.DataFrame({c: pd.Series(dtype=object) for c in [*cols, *(r.name for r in requests)]})
+    for req in requests:
+        if (req.reduce or "first") == "first":
+            table[req.name] = _finish_first(table[req.name], req)
+    table["visit"] = table["visit"].astype(int)
+    return ExportVisits(
+        table=table,
+        n_participants=len(seen),
+        age_sources={str(k): int(v) for k, v in table["age_source"].value_counts().items()},
+        instance_sources=plan.instance_sources,
+        columns_read=tuple(plan.usecols),
+    )
