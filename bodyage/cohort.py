@@ -22,9 +22,9 @@
 Images are not copied by default: ``images/<scan_id>_<channel>.nii.gz`` are symbolic
 links to the source files (``images_as="link"``), so the study has the layout every
 command expects at no cost in disk space (40,000 scans × 2 channels × ~15 MB of
-compressed NIfTI would be over a terabyte of copies). ``images_as="path"`` stores absolute source paths in ``cohort.csv``
-instead (for file systems without symlinks), ``"copy"`` copies the files (a study that
-travels on its own).
+compressed NIfTI would be over a terabyte of copies). ``images_as="path"`` stores
+absolute source paths in ``cohort.csv`` instead (for file systems without symlinks),
+``"copy"`` copies the files (a study that travels on its own).
 """
 
 from __future__ import annotations
