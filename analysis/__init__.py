@@ -3,4 +3,85 @@
 This package never imports torch (nor captum or TotalSegmentator), so a statistician can
 run ``bodyage stats`` on the tables of a run without the deep-learning stack. The
 contract is checked by import-linter and by ``tests/test_layers.py``.
+
+The public API is re-exported here, loaded on first use (``import analysis`` itself
+imports nothing heavy, so ``bodyage --help`` stays instant)::
+
+    from analysis import load_run, compare
+
+    run = load_run("runs/r1")
+    res = compare(run, cohort="diabetes == 1", reference="diabetes == 0", match="age,sex")
+    res.tests[res.tests.significant]
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.agegap import GapCorrectionResult, age_accuracy, correct_gap
+    from analysis.compare import ComparisonResult, compare, run_compare, write_comparison
+    from analysis.fdr import benjamini_hochberg
+    from analysis.filters import Filter, parse_filter
+    from analysis.phenotypes import phenotype_models
+    from analysis.regionmodels import importance_matrix, joint_region_model, region_gap_correlations, region_models
+    from analysis.run import RunTables, load_run
+    from analysis.stats import StatsResult, run_stats
+
+_EXPORTS: dict[str, str] = {
+    "load_run": "analysis.run",
+    "RunTables": "analysis.run",
+    "correct_gap": "analysis.agegap",
+    "age_accuracy": "analysis.agegap",
+    "GapCorrectionResult": "analysis.agegap",
+    "phenotype_models": "analysis.phenotypes",
+    "region_models": "analysis.regionmodels",
+    "joint_region_model": "analysis.regionmodels",
+    "region_gap_correlations": "analysis.regionmodels",
+    "importance_matrix": "analysis.regionmodels",
+    "compare": "analysis.compare",
+    "run_compare": "analysis.compare",
+    "write_comparison": "analysis.compare",
+    "ComparisonResult": "analysis.compare",
+    "parse_filter": "analysis.filters",
+    "Filter": "analysis.filters",
+    "benjamini_hochberg": "analysis.fdr",
+    "run_stats": "analysis.stats",
+    "StatsResult": "analysis.stats",
+}
+
+__all__ = [
+    "ComparisonResult",
+    "Filter",
+    "GapCorrectionResult",
+    "RunTables",
+    "StatsResult",
+    "age_accuracy",
+    "benjamini_hochberg",
+    "compare",
+    "correct_gap",
+    "importance_matrix",
+    "joint_region_model",
+    "load_run",
+    "parse_filter",
+    "phenotype_models",
+    "region_gap_correlations",
+    "region_models",
+    "run_compare",
+    "run_stats",
+    "write_comparison",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -3,17 +3,68 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from bodyage.errors import NotBuiltError
+from analysis._typing import GapCorrection, MixedEngine, RegionLevel, RegionMetric
 from cli.errors import handles_errors
+from cli.progress import progress_display
 
 
 @handles_errors
 def stats(
-    run: Annotated[Path, typer.Argument(help="Run folder (after attribute).")],
+    run: Annotated[Path, typer.Argument(help="Run folder (after train; region models need attribute).")],
+    phenotype: Annotated[
+        Optional[list[str]],
+        typer.Option("--phenotype", help="Phenotype column (repeatable). Default: every non-reserved cohort column."),
+    ] = None,
+    covariate: Annotated[
+        Optional[list[str]],
+        typer.Option("--covariate", help="Covariate column (repeatable). Default: age (with age²) and sex."),
+    ] = None,
+    group: Annotated[
+        str, typer.Option("--group", help="Site-like grouping column (random intercept or fixed effects); 'none'.")
+    ] = "site",
+    metric: Annotated[
+        Optional[RegionMetric],
+        typer.Option("--metric", help="Region importance. Default: mass for ablation/shapley, share otherwise."),
+    ] = None,
+    correction: Annotated[
+        GapCorrection,
+        typer.Option(
+            "--correction", help="Age-gap bias correction: train (from predictions), linear, quadratic, none."
+        ),
+    ] = "train",
+    method: Annotated[
+        Optional[list[str]], typer.Option("--method", help="Attribution method (repeatable). Default: all in the run.")
+    ] = None,
+    level: Annotated[
+        RegionLevel, typer.Option("--level", help="Regions one by one, or named groups (kidney = left + right).")
+    ] = "region",
+    engine: Annotated[MixedEngine, typer.Option("--engine", help="Mixed-model solver.")] = "auto",
+    alpha: Annotated[float, typer.Option("--alpha", help="False discovery rate level.", min=0.0, max=1.0)] = 0.05,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures.")] = True,
 ) -> None:
-    """Age-gap correction, mixed models, FDR, LaTeX tables and figures."""
-    raise NotBuiltError("`bodyage stats` is not built yet (issue #6)")
+    """Age-gap correction, mixed models, FDR, LaTeX tables and figures (RUN/stats, RUN/figures)."""
+    from analysis.stats import run_stats
+    from bodyage.regions import group_of
+
+    with progress_display() as progress:
+        result = run_stats(
+            run,
+            phenotypes=phenotype,
+            covariates=covariate,
+            group=None if group.lower() == "none" else group,
+            metric=metric,
+            correction=correction,
+            methods=method,
+            level=level,
+            grouping=group_of if level == "group" else None,
+            engine=engine,
+            alpha=alpha,
+            figures=figures,
+            progress=progress,
+        )
+    for line in result.summary():
+        typer.echo(line)

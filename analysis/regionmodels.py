@@ -1,0 +1,525 @@
+"""Region models: how phenotypes shift organ-level attribution (DESIGN.md §7).
+
+Three analyses of the importance of each region (one column of ``attributions.parquet``,
+:func:`analysis._typing.default_metric`: signed ``mass`` in years for ``ablation`` and
+``shapley``, ``share`` for voxel methods):
+
+:func:`region_models`
+    ``importance_r ~ phenotype + age + age² + sex + site`` for every region × phenotype,
+    Benjamini–Hochberg FDR over regions × phenotypes within each method. Sites enter as
+    fixed effects (indicators); with repeat visits the standard errors are cluster-robust
+    by subject. This form is exact OLS, so one QR decomposition serves every region
+    (:func:`analysis.ols.ols_many`): 40,000 subjects × 53 regions × 5 phenotypes take
+    seconds (``python -m analysis.bench_stats``), where a mixed model per region would take
+    hours. The partial correlation of importance and phenotype given the covariates is
+    reported as an effect size (equal to pingouin's ``partial_corr``; a test checks it).
+:func:`region_gap_correlations`
+    Partial correlation (pingouin ``partial_corr``) of each region's importance with the
+    corrected age gap given the covariates, FDR over regions, on each subject's first scan.
+:func:`joint_region_model`
+    The long model ``importance ~ C(region) * (phenotype + covariates) + (1 | scan)``:
+    does the phenotype shift attribution toward a region beyond the whole body? With every
+    region present in every scan, its region-specific phenotype effects (sum-to-zero
+    coding) equal OLS fits of the importance centred on the scan's mean over regions, and
+    the whole-body effect is the fit of that mean; that is how it is computed (a test
+    compares it with statsmodels' MixedLM). Where regions are missing the centring uses
+    the regions present. Standard errors are per region (heteroscedastic across regions),
+    cluster-robust by subject with repeat visits.
+
+Rows with a missing phenotype or covariate are excluded per phenotype and counted; a
+region missing from a scan (NaN) drops that scan for that region only (``n``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis._typing import REGION_LEVELS, REGION_METRICS, GapCorrection, RegionLevel, RegionMetric, default_metric
+from analysis.agegap import GapCorrectionResult, correct_gap
+from analysis.design import DEFAULT_GROUP, build_design, is_binary, numeric_values
+from analysis.fdr import benjamini_hochberg
+from analysis.ols import ols_many
+from analysis.phenotypes import model_form, resolve_covariates, resolve_phenotypes
+from analysis.run import ATTRIBUTIONS_FILE, RunTables, as_run
+from bodyage.errors import BodyageWarning, InputError, RunError
+from bodyage.progress import NO_PROGRESS, Progress
+
+#: FDR level that sets the ``significant`` column
+ALPHA = 0.05
+#: the row of :func:`joint_region_model` holding the whole-body effect
+WHOLE_BODY = "(whole body)"
+
+REGION_MODEL_COLUMNS: list[str] = [
+    "method",
+    "metric",
+    "level",
+    "region",
+    "phenotype",
+    "kind",
+    "per",
+    "n",
+    "n_missing_phenotype",
+    "estimate",
+    "se",
+    "ci_low",
+    "ci_high",
+    "stat",
+    "df",
+    "p",
+    "q",
+    "significant",
+    "partial_r",
+    "mean_importance",
+    "se_type",
+    "fixed_effects",
+    "covariates",
+]
+
+
+def resolve_methods(tables: RunTables, methods: Sequence[str] | None) -> list[str]:
+    """Return the attribution methods to analyse (all present when ``None``).
+
+    Raises
+    ------
+    RunError
+        If the run has no attributions.
+    InputError
+        If a named method is not in ``attributions.parquet``.
+    """
+    if tables.attributions is None:
+        raise RunError(f"{ATTRIBUTIONS_FILE}: not found (run `bodyage attribute` first)")
+    present = tables.methods
+    if methods is None:
+        return list(present)
+    for m in methods:
+        if m not in present:
+            raise InputError(f"method {m!r} is not in {ATTRIBUTIONS_FILE}; it has: {', '.join(present)}")
+    return list(dict.fromkeys(methods))
+
+
+def resolve_metric(method: str, metric: RegionMetric | None) -> RegionMetric:
+    """Return ``metric``, checked, or the method's default (:func:`analysis._typing.default_metric`).
+
+    Raises
+    ------
+    InputError
+        If ``metric`` is not one of :data:`analysis._typing.REGION_METRICS`.
+    """
+    if metric is None:
+        return default_metric(method)
+    if metric not in REGION_METRICS:
+        raise InputError(f"metric {metric!r} is not one of {', '.join(REGION_METRICS)}")
+    return metric
+
+
+def group_regions(attributions: pd.DataFrame, grouping: Callable[[str], str]) -> pd.DataFrame:
+    """Aggregate a long attribution table from regions to region groups.
+
+    ``mass``, ``abs_mass``, ``share``, ``n_voxels`` and ``volume_ml`` add up (a group is
+    NaN only when all its members are); ``density = mass / n_voxels``; ``enrichment =
+    share / (volume_ml / body volume)``, the body volume of a scan being recovered from
+    its regions as ``volume_ml · enrichment / share``.
+
+    Parameters
+    ----------
+    attributions
+        Long table (DESIGN.md §3).
+    grouping
+        Region name -> group name, e.g. :func:`bodyage.regions.group_of`.
+    """
+    df = attributions.copy()
+    df["region"] = df["region"].astype(str).map(grouping)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        body = df["volume_ml"] * df["enrichment"] / df["share"]
+    body = body.where(np.isfinite(body) & (body > 0))
+    df["_body"] = body
+    keys = ["scan_id", "subject_id", "visit", "method", "region", "fold"]
+    sums = df.groupby(keys, observed=True, sort=False)[["n_voxels", "volume_ml", "mass", "abs_mass", "share"]].sum(
+        min_count=1
+    )
+    body_scan = df.groupby(["scan_id", "method"], observed=True)["_body"].median()
+    out = sums.reset_index()
+    b = pd.MultiIndex.from_frame(out[["scan_id", "method"]]).map(body_scan.to_dict())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["density"] = out["mass"] / out["n_voxels"]
+        out["enrichment"] = out["share"] / (out["volume_ml"] / np.asarray(b, dtype=float))
+    return out
+
+
+def importance_matrix(
+    tables: RunTables,
+    method: str,
+    metric: RegionMetric,
+    *,
+    level: RegionLevel = "region",
+    grouping: Callable[[str], str] | None = None,
+) -> pd.DataFrame:
+    """Return one method's importance as a ``scans × regions`` matrix (NaN where absent).
+
+    Rows follow :attr:`RunTables.scans` (a scan without attributions is all NaN), columns
+    the label order.
+
+    Raises
+    ------
+    InputError
+        If ``level`` is unknown, or ``"group"`` without a ``grouping``.
+    """
+    if level not in REGION_LEVELS:
+        raise InputError(f"level {level!r} is not one of {', '.join(REGION_LEVELS)}")
+    attr = tables.attributions
+    if attr is None:
+        raise RunError(f"{ATTRIBUTIONS_FILE}: not found (run `bodyage attribute` first)")
+    sub = attr[attr["method"] == method]
+    order = list(tables.regions)
+    if level == "group":
+        if grouping is None:
+            raise InputError("level 'group' needs a grouping of regions (e.g. bodyage.regions.group_of)")
+        sub = group_regions(sub, grouping)
+        order = list(dict.fromkeys(grouping(r) for r in order))
+    scans = tables.scans["scan_id"]
+    row = pd.Index(scans).get_indexer(pd.Index(sub["scan_id"]))
+    cols = pd.Index(order)
+    col = cols.get_indexer(pd.Index(sub["region"].astype(str)))
+    values = np.full((len(scans), len(cols)), np.nan)
+    values[row, col] = sub[metric].to_numpy(float)
+    present = ~np.isnan(values).all(axis=0)
+    return pd.DataFrame(values[:, present], columns=cols[present], index=scans.index)
+
+
+def region_models(
+    run: RunTables | str | os.PathLike[str],
+    *,
+    phenotypes: Sequence[str] | None = None,
+    covariates: Sequence[str] | None = None,
+    group: str | None = DEFAULT_GROUP,
+    metric: RegionMetric | None = None,
+    methods: Sequence[str] | None = None,
+    level: RegionLevel = "region",
+    grouping: Callable[[str], str] | None = None,
+    alpha: float = ALPHA,
+    centred: bool = False,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Fit ``importance ~ phenotype + covariates + site`` per method, region and phenotype.
+
+    Parameters
+    ----------
+    run
+        Run tables or a run folder.
+    phenotypes, covariates, group
+        As :func:`analysis.phenotypes.phenotype_models` (``group`` enters as fixed effects).
+    metric
+        Importance column; ``None``: each method's default.
+    methods
+        Attribution methods; ``None``: all in the table.
+    level
+        ``"region"`` or ``"group"`` (with ``grouping``).
+    grouping
+        Region -> group name, for ``level="group"``.
+    alpha
+        FDR level of the ``significant`` column.
+    centred
+        Centre each scan's importance on its mean over regions first (the region-specific
+        effects of :func:`joint_region_model`).
+    progress
+        Progress display (one step per method × phenotype).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (method, region, phenotype), columns :data:`REGION_MODEL_COLUMNS`:
+        ``estimate`` is the change in importance per unit of the phenotype (carriers vs
+        non-carriers for 0/1), ``q`` is Benjamini–Hochberg over all regions × phenotypes of
+        the method, ``significant`` is ``q < alpha``, ``partial_r`` the partial correlation.
+        Select "regions significant for phenotype X and method M" with
+        ``df[(df.method == M) & (df.phenotype == X) & df.significant]``.
+
+    Raises
+    ------
+    RunError
+        If the run has no attributions.
+    InputError
+        For an invalid phenotype, covariate, group, method, metric or level (naming it).
+    """
+    tables = as_run(run)
+    progress = progress or NO_PROGRESS
+    meths = resolve_methods(tables, methods)
+    phenos = resolve_phenotypes(tables, phenotypes)
+    cov, cov_names = resolve_covariates(tables, covariates, phenos)
+    form = model_form(tables, group)
+    scans = tables.scans
+    designs = {p: build_design(scans, [p], cov, fixed_group=group) for p in phenos}
+    clusters = scans[form.cluster].to_numpy() if form.cluster else None
+    task = progress.task("region models", total=len(meths) * len(phenos))
+    frames = []
+    for method in meths:
+        met = resolve_metric(method, metric)
+        matrix = importance_matrix(tables, method, met, level=level, grouping=grouping)
+        if centred:
+            matrix = _centre(matrix)
+        per_method = []
+        for pheno in phenos:
+            d = designs[pheno]
+            values = numeric_values(scans, pheno, "phenotype")[d.rows]
+            binary = is_binary(values)
+            res = ols_many(
+                d.X,
+                matrix.to_numpy()[d.rows],
+                d.index(pheno),
+                clusters=None if clusters is None else clusters[d.rows],
+            )
+            per_method.append(
+                pd.DataFrame(
+                    {
+                        "method": method,
+                        "metric": met,
+                        "level": level,
+                        "region": matrix.columns.astype(str),
+                        "phenotype": pheno,
+                        "kind": "binary" if binary else "continuous",
+                        "per": "1 vs 0" if binary else "per unit",
+                        "n": res.n,
+                        "n_missing_phenotype": d.n_missing_phenotype,
+                        "estimate": res.estimate,
+                        "se": res.se,
+                        "ci_low": res.ci_low,
+                        "ci_high": res.ci_high,
+                        "stat": res.stat,
+                        "df": res.df,
+                        "p": res.p,
+                        "partial_r": res.partial_r,
+                        "mean_importance": res.mean,
+                        "se_type": "cluster(subject)" if clusters is not None else "classical",
+                        "fixed_effects": group if group is not None and group not in d.dropped else "",
+                        "covariates": ", ".join(cov_names),
+                    }
+                )
+            )
+            task.advance()
+        block = pd.concat(per_method, ignore_index=True)
+        block["q"] = benjamini_hochberg(block["p"].to_numpy())
+        block["significant"] = block["q"] < alpha
+        frames.append(block)
+    task.close()
+    out = pd.concat(frames, ignore_index=True)
+    unfit = out["p"].isna() & (out["n"] > 0)
+    if unfit.any():
+        first = out[unfit].iloc[0]
+        warnings.warn(
+            f"{int(unfit.sum())} region model(s) could not be estimated (too few scans or the phenotype is "
+            f"collinear with the covariates on them), e.g. {first['method']}/{first['region']}/{first['phenotype']}",
+            BodyageWarning,
+            stacklevel=2,
+        )
+    return out[REGION_MODEL_COLUMNS]
+
+
+def _centre(matrix: pd.DataFrame) -> pd.DataFrame:
+    values = matrix.to_numpy()
+    counts = np.isfinite(values).sum(axis=1)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: nanmean warns, the row stays NaN
+        means = np.nanmean(values, axis=1)
+    centred = values - means[:, None]
+    centred[counts < 2] = np.nan
+    return pd.DataFrame(centred, index=matrix.index, columns=matrix.columns)
+
+
+def joint_region_model(
+    run: RunTables | str | os.PathLike[str],
+    *,
+    phenotypes: Sequence[str] | None = None,
+    covariates: Sequence[str] | None = None,
+    group: str | None = DEFAULT_GROUP,
+    metric: RegionMetric | None = None,
+    methods: Sequence[str] | None = None,
+    level: RegionLevel = "region",
+    grouping: Callable[[str], str] | None = None,
+    alpha: float = ALPHA,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """The long model ``importance ~ C(region) * (phenotype + covariates) + (1 | scan)``.
+
+    See the module docstring for how it is computed. Parameters as :func:`region_models`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns of :func:`region_models`. Per method and phenotype, one row per region:
+        its shift of importance beyond the whole-body mean (``q`` over regions ×
+        phenotypes), and one row with region :data:`WHOLE_BODY`: the phenotype's effect on
+        the scan's mean importance over regions (``q`` over phenotypes).
+    """
+    tables = as_run(run)
+    shifts = region_models(
+        tables,
+        phenotypes=phenotypes,
+        covariates=covariates,
+        group=group,
+        metric=metric,
+        methods=methods,
+        level=level,
+        grouping=grouping,
+        alpha=alpha,
+        centred=True,
+        progress=progress,
+    )
+    whole = _whole_body(tables, phenotypes, covariates, group, metric, methods, level, grouping, alpha)
+    return pd.concat([whole, shifts], ignore_index=True)[REGION_MODEL_COLUMNS]
+
+
+def _whole_body(
+    tables: RunTables,
+    phenotypes: Sequence[str] | None,
+    covariates: Sequence[str] | None,
+    group: str | None,
+    metric: RegionMetric | None,
+    methods: Sequence[str] | None,
+    level: RegionLevel,
+    grouping: Callable[[str], str] | None,
+    alpha: float,
+) -> pd.DataFrame:
+    phenos = resolve_phenotypes(tables, phenotypes)
+    cov, cov_names = resolve_covariates(tables, covariates, phenos)
+    form = model_form(tables, group)
+    scans = tables.scans
+    clusters = scans[form.cluster].to_numpy() if form.cluster else None
+    frames = []
+    for method in resolve_methods(tables, methods):
+        met = resolve_metric(method, metric)
+        matrix = importance_matrix(tables, method, met, level=level, grouping=grouping).to_numpy()
+        counts = np.isfinite(matrix).sum(axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.where(counts >= 2, np.nanmean(matrix, axis=1), np.nan)
+        rows = []
+        for pheno in phenos:
+            d = build_design(scans, [pheno], cov, fixed_group=group)
+            res = ols_many(
+                d.X,
+                mean[d.rows, None],
+                d.index(pheno),
+                clusters=None if clusters is None else clusters[d.rows],
+            )
+            binary = is_binary(numeric_values(scans, pheno, "phenotype")[d.rows])
+            rows.append(
+                {
+                    "method": method,
+                    "metric": met,
+                    "level": level,
+                    "region": WHOLE_BODY,
+                    "phenotype": pheno,
+                    "kind": "binary" if binary else "continuous",
+                    "per": "1 vs 0" if binary else "per unit",
+                    "n": int(res.n[0]),
+                    "n_missing_phenotype": d.n_missing_phenotype,
+                    "estimate": res.estimate[0],
+                    "se": res.se[0],
+                    "ci_low": res.ci_low[0],
+                    "ci_high": res.ci_high[0],
+                    "stat": res.stat[0],
+                    "df": res.df[0],
+                    "p": res.p[0],
+                    "partial_r": res.partial_r[0],
+                    "mean_importance": res.mean[0],
+                    "se_type": "cluster(subject)" if clusters is not None else "classical",
+                    "fixed_effects": group or "",
+                    "covariates": ", ".join(cov_names),
+                }
+            )
+        block = pd.DataFrame(rows)
+        block["q"] = benjamini_hochberg(block["p"].to_numpy())
+        block["significant"] = block["q"] < alpha
+        frames.append(block)
+    return pd.concat(frames, ignore_index=True)
+
+
+def region_gap_correlations(
+    run: RunTables | str | os.PathLike[str],
+    *,
+    covariates: Sequence[str] | None = None,
+    correction: GapCorrection = "train",
+    metric: RegionMetric | None = None,
+    methods: Sequence[str] | None = None,
+    level: RegionLevel = "region",
+    grouping: Callable[[str], str] | None = None,
+    alpha: float = ALPHA,
+    gap: GapCorrectionResult | None = None,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Partial correlation of each region's importance with the corrected age gap.
+
+    pingouin ``partial_corr`` (Pearson) controlling for the covariates (default age, age²,
+    sex), on each subject's first scan (scans of one subject are not independent);
+    Benjamini–Hochberg over the regions of each method.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``method``, ``metric``, ``level``, ``region``, ``n``, ``r``, ``ci_low``,
+        ``ci_high`` (95%), ``p``, ``q``, ``significant``, ``covariates``, ``correction``.
+    """
+    import pingouin as pg
+
+    tables = as_run(run)
+    progress = progress or NO_PROGRESS
+    gap = gap or correct_gap(tables, correction)
+    scans = gap.scans
+    cov, cov_names = resolve_covariates(tables, covariates, [])
+    first = _first_visits(scans)
+    meths = resolve_methods(tables, methods)
+    task = progress.task("gap correlations", total=len(meths))
+    frames = []
+    for method in meths:
+        met = resolve_metric(method, metric)
+        matrix = importance_matrix(tables, method, met, level=level, grouping=grouping)
+        rows = []
+        base = pd.DataFrame({"gap": scans["gap"].to_numpy()})
+        covar = [f"c{j}" for j in range(cov.shape[1])]
+        for j, name in enumerate(cov.columns):
+            base[covar[j]] = cov[name].to_numpy()
+        for region in matrix.columns:
+            data = base.assign(importance=matrix[region].to_numpy())[first].dropna()
+            n = len(data)
+            if n < len(covar) + 4 or data["importance"].nunique() < 2:
+                rows.append(
+                    {"region": str(region), "n": n, "r": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p": np.nan}
+                )
+                continue
+            res = pg.partial_corr(data=data, x="importance", y="gap", covar=covar or None)
+            r = float(res["r"].iloc[0])
+            lo, hi = pg.compute_esci(stat=r, nx=n - len(covar), ny=n - len(covar), eftype="r", decimals=12)
+            rows.append(
+                {
+                    "region": str(region),
+                    "n": n,
+                    "r": r,
+                    "ci_low": float(lo),
+                    "ci_high": float(hi),
+                    "p": float(res["p_val"].iloc[0]),
+                }
+            )
+        block = pd.DataFrame(rows)
+        block.insert(0, "level", level)
+        block.insert(0, "metric", met)
+        block.insert(0, "method", method)
+        block["q"] = benjamini_hochberg(block["p"].to_numpy())
+        block["significant"] = block["q"] < alpha
+        block["covariates"] = ", ".join(cov_names)
+        block["correction"] = gap.correction
+        frames.append(block)
+        task.advance()
+    task.close()
+    return pd.concat(frames, ignore_index=True)
+
+
+def _first_visits(scans: pd.DataFrame) -> np.ndarray:
+    order = scans.sort_values(["subject_id", "visit"]).index
+    keep = pd.Series(False, index=scans.index)
+    keep[order[~scans.loc[order, "subject_id"].duplicated().to_numpy()]] = True
+    return keep.to_numpy()

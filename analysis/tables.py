@@ -1,0 +1,339 @@
+"""Result tables on disk: tidy ``.parquet`` + ``.csv``, and the LaTeX view of each.
+
+The tidy files hold every row; the LaTeX tables are what a thesis shows, so long tables
+(regions × phenotypes) show the significant rows (at most :data:`MAX_TEX_ROWS`, fewest
+q first), or the few smallest p-values when nothing is significant, and say so in the
+notes. No table carries participant ids.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.latex import Column, LatexTable, write_latex
+from analysis.regionmodels import WHOLE_BODY
+
+#: most rows a LaTeX table shows (a page)
+MAX_TEX_ROWS = 30
+#: rows shown when nothing is significant
+TOP_WHEN_NONE = 10
+LABEL_PREFIX = "tab:bodyage:"
+
+METRIC_UNITS: dict[str, str] = {
+    "mass": "years",
+    "abs_mass": "years",
+    "share": "share of body attribution",
+    "enrichment": "share / volume share",
+    "density": "per voxel",
+}
+
+
+def write_frame(df: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str) -> list[Path]:
+    """Write ``df`` as ``<stem>.parquet`` and ``<stem>.csv`` (atomically); return the paths."""
+    from bodyage.atomic import write_with
+
+    out = Path(out_dir)
+    return [
+        write_with(out / f"{stem}.parquet", lambda tmp: df.to_parquet(tmp, index=False)),
+        write_with(out / f"{stem}.csv", lambda tmp: df.to_csv(tmp, index=False)),
+    ]
+
+
+def write_tex(df: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str, table: LatexTable) -> Path:
+    """Write the LaTeX view ``<stem>.tex``."""
+    return write_latex(Path(out_dir) / f"{stem}.tex", df, table)
+
+
+def label(stem: str) -> str:
+    r"""The ``\label`` of a table: ``tab:bodyage:<stem>``."""
+    return LABEL_PREFIX + stem.replace("_", "-")
+
+
+def _select_rows(df: pd.DataFrame, alpha: float, what: str, csv: str) -> tuple[pd.DataFrame, str]:
+    sig = df[df["q"] < alpha].sort_values(["q", "p"])
+    if sig.empty:
+        shown = df[df["p"].notna()].sort_values("p").head(TOP_WHEN_NONE)
+        return shown, f"No {what} is significant at FDR {alpha:g}; the {len(shown)} smallest p-values are shown."
+    if len(sig) > MAX_TEX_ROWS:
+        return (
+            sig.head(MAX_TEX_ROWS),
+            f"{len(sig)} {what}s are significant at FDR {alpha:g}; the {MAX_TEX_ROWS} with the smallest q are "
+            f"shown, all rows are in {csv}.",
+        )
+    return sig, f"The {len(sig)} {what}(s) significant at FDR {alpha:g} are shown; all rows are in {csv}."
+
+
+def missing_note(n_missing: dict[str, int]) -> str:
+    """Sentence counting scans excluded for missing values, per phenotype ('' if none)."""
+    parts = [f"{k}: {v}" for k, v in n_missing.items() if v]
+    if not parts:
+        return "No scan was excluded for a missing phenotype value."
+    return "Scans excluded for a missing phenotype value: " + ", ".join(parts) + "."
+
+
+# ----------------------------------------------------------------------------- age gap
+
+_SUBSET_TITLES = {"overall": "Overall", "site": "By site", "sex": "By sex", "age band": "By age band (years)"}
+
+
+def accuracy_table(acc: pd.DataFrame, correction: str) -> tuple[pd.DataFrame, LatexTable]:
+    """LaTeX view of :func:`analysis.agegap.age_accuracy`."""
+    view = acc.copy()
+    view["block"] = view["subset"].map(_SUBSET_TITLES).fillna(view["subset"])
+    table = LatexTable(
+        columns=(
+            Column("Level", "level", "text"),
+            Column("n", "n", "int"),
+            Column("MAE", "mae", digits=2, group="Prediction"),
+            Column("RMSE", "rmse", digits=2, group="Prediction"),
+            Column("R²", "r2", digits=2, group="Prediction"),
+            Column("r", "pearson_r", digits=2, group="Prediction"),
+            Column("Mean", "mean_gap", digits=2, group="Age gap"),
+            Column("r(age)", "gap_age_r", digits=2, group="Age gap"),
+            Column("r(age), corrected", "corrected_gap_age_r", digits=2, group="Age gap"),
+        ),
+        caption="Accuracy of the out-of-fold age predictions, overall and by site, sex and age band",
+        label=label("age_accuracy"),
+        notes=(
+            "MAE and RMSE (years), R² and r compare predicted with chronological age (out-of-fold predictions); "
+            "within a narrow age band R² compares with that band's small age variance and can be negative. "
+            "The gap is predicted minus chronological age (years); its correlation with age, r(age), is the "
+            f"regression-to-the-mean bias that the correction ({correction}) removes.",
+        ),
+        section="block",
+    )
+    return view, table
+
+
+# ----------------------------------------------------------------------------- phenotypes
+
+
+def phenotype_table(res: pd.DataFrame, alpha: float) -> tuple[pd.DataFrame, LatexTable]:
+    """LaTeX view of :func:`analysis.phenotypes.phenotype_models`: separate models, then the joint model."""
+    view = res.copy()
+    view["block"] = np.where(view["model"] == "joint", "Joint model (all phenotypes)", "Separate models")
+    flags = []
+    notes = []
+    for _, row in view.iterrows():
+        flag = []
+        if row["boundary"]:
+            flag.append("boundary")
+        if not row["converged"]:
+            flag.append("not converged")
+        flags.append(", ".join(flag) or "--")
+        text = f"{row['model']} model of {row['phenotype']}: {row['warning']}."
+        if row["warning"] and text not in notes:
+            notes.append(text)
+    view["flag"] = flags
+    first = res.iloc[0]
+    re_text = f"random intercept for {first['random_effect']}" if first["random_effect"] else "no random intercept"
+    fe_text = f", {first['fixed_effects']} as fixed effects" if first["fixed_effects"] else ""
+    cols = [
+        Column("Phenotype", "phenotype", "text"),
+        Column("Effect", "per", "text"),
+        Column("n", "n", "int"),
+        Column("Estimate", "estimate", digits=None),
+        Column("95% CI", "ci_low", "ci", digits=None, high="ci_high"),
+        Column("p", "p", "p"),
+        Column("q", "q", "p", stars="q"),
+    ]
+    if (view["flag"] != "--").any():
+        cols.append(Column("Flag", "flag", "text"))
+    sep = res[res["model"] == "separate"]
+    n_missing = dict(zip(sep["phenotype"], sep["n_missing_phenotype"], strict=True))
+    table = LatexTable(
+        columns=tuple(cols),
+        caption="Phenotype effects on the bias-corrected age gap (years)",
+        label=label("phenotype_models"),
+        notes=(
+            f"Linear mixed models of the corrected age gap ({first['correction']}) on each phenotype alone and on all "
+            f"jointly, adjusted for {first['covariates']} (age also squared), {re_text}{fe_text}; REML. "
+            "Estimates are years of gap per unit of the phenotype, or carriers vs non-carriers (1 vs 0). "
+            f"q: Benjamini--Hochberg over the phenotypes of each model, significant at {alpha:g}.",
+            missing_note(n_missing),
+            *notes,
+        ),
+        section="block",
+    )
+    return view, table
+
+
+# ----------------------------------------------------------------------------- regions
+
+
+def _scaled(df: pd.DataFrame, metric: str, columns: Sequence[str]) -> tuple[pd.DataFrame, str]:
+    """Shares are shown in percent (of the body's attribution); other metrics unchanged."""
+    unit = METRIC_UNITS.get(metric, metric)
+    if metric != "share":
+        return df, unit
+    out = df.copy()
+    for c in columns:
+        out[c] = out[c] * 100.0
+    return out, "percentage points of the body's attribution"
+
+
+def region_table(
+    res: pd.DataFrame, method: str, alpha: float, *, joint: bool = False
+) -> tuple[pd.DataFrame, LatexTable]:
+    """LaTeX view of one method's rows of :func:`analysis.regionmodels.region_models`.
+
+    With ``joint``, the rows of :func:`analysis.regionmodels.joint_region_model`
+    (each phenotype's whole-body row first).
+    """
+    sub = res[res["method"] == method]
+    metric = str(sub["metric"].iloc[0])
+    stem = f"region_joint_{method}" if joint else f"region_models_{method}"
+    csv = "region_joint.csv" if joint else "region_models.csv"
+    whole = sub[sub["region"] == WHOLE_BODY] if joint else sub.iloc[0:0]
+    regions = sub[sub["region"] != WHOLE_BODY]
+    shown, selection = _select_rows(regions, alpha, "region shift" if joint else "region effect", csv)
+    order = {p: i for i, p in enumerate(dict.fromkeys(sub["phenotype"]))}
+    view = pd.concat([whole.assign(_w=0), shown.assign(_w=1)], ignore_index=True)
+    view = view.assign(_o=view["phenotype"].map(order)).sort_values(["_o", "_w", "q", "p"], kind="mergesort")
+    view["block"] = view["phenotype"] + " (" + view["per"] + ")"
+    view, unit = _scaled(view, metric, ["estimate", "ci_low", "ci_high"])
+    n_missing = {
+        str(k): int(v) for k, v in regions.groupby("phenotype", sort=False)["n_missing_phenotype"].first().items()
+    }
+    first = sub.iloc[0]
+    se_text = (
+        "standard errors cluster-robust by subject (repeat visits)"
+        if str(first["se_type"]).startswith("cluster")
+        else "classical standard errors"
+    )
+    fe_text = f" and {first['fixed_effects']} (fixed effects)" if first["fixed_effects"] else ""
+    if joint:
+        what = (
+            f"Shift of {method} attribution ({metric}; estimates in {unit}) toward each region beyond the whole "
+            "body: OLS fits of the importance centred on the scan's mean over regions, equivalent to the long model "
+            "importance ~ C(region) * (phenotype + covariates) + (1 | scan). "
+            f"The {WHOLE_BODY} rows are the effect on that mean."
+        )
+        caption = f"Phenotype-related shifts of {method} attribution between regions"
+    else:
+        what = (
+            f"Region models of {method} attribution ({metric}; estimates in {unit}): OLS of each region's importance "
+            f"on the phenotype, adjusted for {first['covariates']} (age also squared){fe_text}."
+        )
+        caption = f"Phenotype effects on regional {method} attribution ({metric})"
+    columns = [
+        Column("Region", "region", "text"),
+        Column("n", "n", "int"),
+        Column("Estimate", "estimate", digits=None),
+        Column("95% CI", "ci_low", "ci", digits=None, high="ci_high"),
+        Column("Partial r", "partial_r", digits=2),
+        Column("p", "p", "p"),
+        Column("q", "q", "p", stars="q"),
+    ]
+    if joint:
+        columns.pop(4)
+    table = LatexTable(
+        columns=tuple(columns),
+        caption=caption,
+        label=label(stem),
+        notes=(
+            what,
+            f"Estimates per unit of the phenotype or carriers vs non-carriers (1 vs 0); {se_text}; q: "
+            "Benjamini--Hochberg over all regions and phenotypes of the method.",
+            selection,
+            missing_note(n_missing),
+        ),
+        section="block",
+    )
+    return view, table
+
+
+def gap_correlation_table(res: pd.DataFrame, method: str, alpha: float) -> tuple[pd.DataFrame, LatexTable]:
+    """LaTeX view of one method's rows of :func:`analysis.regionmodels.region_gap_correlations`."""
+    sub = res[res["method"] == method]
+    shown, selection = _select_rows(sub, alpha, "region", "region_gap_correlations.csv")
+    first = sub.iloc[0]
+    table = LatexTable(
+        columns=(
+            Column("Region", "region", "text"),
+            Column("n", "n", "int"),
+            Column("Partial r", "r", digits=2),
+            Column("95% CI", "ci_low", "ci", digits=2, high="ci_high"),
+            Column("p", "p", "p"),
+            Column("q", "q", "p", stars="q"),
+        ),
+        caption=f"Partial correlations of regional {method} attribution with the corrected age gap",
+        label=label(f"region_gap_correlations_{method}"),
+        notes=(
+            f"Pearson partial correlation of each region's {method} importance ({first['metric']}) with the corrected "
+            f"age gap ({first['correction']}), controlling for {first['covariates']} (age also squared), on each "
+            "subject's first scan; q: Benjamini--Hochberg over regions.",
+            selection,
+        ),
+    )
+    return shown, table
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def comparison_table(
+    tests: pd.DataFrame, alpha: float, *, cohort: str, reference: str, test: str
+) -> tuple[pd.DataFrame, LatexTable]:
+    """LaTeX view of :attr:`analysis.compare.ComparisonResult.tests`: the gaps, then significant regions."""
+    gaps = tests[tests["region"] == ""]
+    regions = tests[tests["region"] != ""]
+    shown, selection = _select_rows(regions, alpha, "region", "comparison_tests.csv") if len(regions) else (regions, "")
+    shown = shown.sort_values(["family", "q", "p"], kind="mergesort")
+    view = pd.concat([gaps, shown], ignore_index=True)
+    view["what"] = np.where(view["region"] == "", view["outcome"], view["region"])
+    view["n_both"] = view["n_cohort"].astype(int).astype(str) + "/" + view["n_reference"].astype(int).astype(str)
+    share = (view["metric"] == "share").to_numpy()
+    view.loc[share, "difference"] = view.loc[share, "difference"] * 100.0
+    view["block"] = np.where(
+        view["region"] == "",
+        "Age gap (years)",
+        view["method"] + " (" + np.where(share, "share, percentage points", view["metric"]) + ")",
+    )
+    test_text = "Welch's t-test" if test == "welch" else "Mann--Whitney U test"
+    table = LatexTable(
+        columns=(
+            Column("Outcome", "what", "text"),
+            Column("n", "n_both", "text"),
+            Column("Difference", "difference", digits=None),
+            Column("Hedges' g", "hedges_g", digits=2),
+            Column("95% CI", "g_ci_low", "ci", digits=2, high="g_ci_high"),
+            Column("q", "q", "p", stars="q"),
+        ),
+        caption=f"Cohort comparison: {cohort} vs {reference}",
+        label=label("comparison_tests"),
+        notes=(
+            f"{test_text}; n: cohort/reference; difference of means (cohort minus reference) and Hedges' g with "
+            "95% CI; p-values are in comparison_tests.csv; q: "
+            "Benjamini--Hochberg within the age gaps and within the regions of each method. Mass is in years.",
+            *([selection] if selection else []),
+        ),
+        section="block",
+    )
+    return view, table
+
+
+def balance_latex(balance: pd.DataFrame, *, matched: Sequence[str]) -> tuple[pd.DataFrame, LatexTable]:
+    """LaTeX view of :func:`analysis.matching.balance_table`."""
+    view = balance.copy()
+    view["what"] = np.where(view["level"] == "", view["variable"], view["variable"] + " = " + view["level"])
+    how = f"nearest-neighbour matching on {', '.join(matched)} without replacement" if matched else "no matching"
+    table = LatexTable(
+        columns=(
+            Column("Variable", "what", "text"),
+            Column("Cohort", "cohort_mean", digits=2, group="Mean or share"),
+            Column("Reference", "reference_mean_before", digits=2, group="Mean or share"),
+            Column("Matched", "reference_mean_after", digits=2, group="Mean or share"),
+            Column("Before", "smd_before", digits=2, group="SMD"),
+            Column("After", "smd_after", digits=2, group="SMD"),
+        ),
+        caption="Covariate balance of the cohort comparison",
+        label=label("comparison_balance"),
+        notes=(f"Standardised mean differences (SMD) before and after {how}; |SMD| < 0.1 is good balance.",),
+    )
+    return view, table
