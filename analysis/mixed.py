@@ -195,9 +195,7 @@ def fit_random_intercept(
     if engine == "auto":
         use = "statsmodels" if n_groups <= STATSMODELS_MAX_GROUPS else "reml"
     if use == "statsmodels":
-        fit = _fit_statsmodels(y, X, names, codes, group=group, n_groups=n_groups)
-        if fit is not None:
-            return fit
+        return _fit_statsmodels(y, X, names, codes, group=group, n_groups=n_groups)
     return _fit_reml(y, X, names, codes, group=group)
 
 
@@ -216,35 +214,40 @@ def _boundary_warning(group: str) -> str:
 
 def _fit_statsmodels(
     y: FloatArray, X: FloatArray, names: Sequence[str], codes: npt.NDArray[np.intp], *, group: str, n_groups: int
-) -> LinearFit | None:
-    """Fit with statsmodels; ``None`` (and a fallback reason kept) when the result is unusable."""
+) -> LinearFit:
+    """Fit with statsmodels; refit with the REML solver (reason kept) when the result is unusable."""
     from statsmodels.regression.mixed_linear_model import MixedLM
 
     texts: list[str] = []
     problem = ""
+    fe = bse = np.empty(0)
+    group_var = scale = llf = float("nan")
+    converged = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             res = MixedLM(y, X, groups=codes).fit(reml=True)
+            # statsmodels computes some results lazily: read them while warnings are recorded
+            fe = np.asarray(res.fe_params, dtype=float)
+            bse = np.asarray(res.bse_fe, dtype=float)
+            group_var = float(np.asarray(res.cov_re)[0, 0])
+            scale = float(res.scale)
+            llf = float(res.llf)
+            converged = bool(res.converged)
         except (np.linalg.LinAlgError, ValueError, ZeroDivisionError) as err:
-            res = None
             problem = f"statsmodels MixedLM failed ({type(err).__name__}: {err})"
     for w in caught:
         text = f"statsmodels: {' '.join(str(w.message).split())}"
         if text not in texts:
             texts.append(text)
-    if res is not None:
-        fe = np.asarray(res.fe_params, dtype=float)
-        bse = np.asarray(res.bse_fe, dtype=float)
-        group_var = float(np.asarray(res.cov_re)[0, 0])
-        scale = float(res.scale)
-        if not np.isfinite(res.llf):
+    if not problem:
+        if not np.isfinite(llf):
             problem = "statsmodels MixedLM returned a non-finite log-likelihood"
         elif not (np.isfinite(fe).all() and np.isfinite(bse).all() and (bse > 0).all()):
             problem = "statsmodels MixedLM returned non-finite estimates or standard errors"
         elif not (np.isfinite(group_var) and np.isfinite(scale) and scale > 0):
             problem = "statsmodels MixedLM returned a non-finite variance"
-        elif not res.converged:
+        elif not converged:
             problem = "statsmodels MixedLM did not converge"
         if not problem:
             boundary = group_var <= BOUNDARY_SHARE * (group_var + scale)
@@ -260,7 +263,7 @@ def _fit_statsmodels(
                 n_groups=n_groups,
                 group_var=max(group_var, 0.0),
                 resid_var=scale,
-                llf=float(res.llf),
+                llf=llf,
                 converged=True,
                 boundary=bool(boundary),
                 engine="statsmodels",
@@ -297,7 +300,7 @@ def _profile(
     except np.linalg.LinAlgError as err:
         raise InputError(f"the model terms are collinear (rank deficient): {', '.join(names)}") from err
     diag = np.diag(chol)
-    if diag.min() <= 1e-10 * diag.max():
+    if diag.min() <= 1e-7 * diag.max():
         raise InputError(f"the model terms are collinear (rank deficient): {', '.join(names)}")
     eye = np.eye(p)
     inv_chol = np.linalg.solve(chol, eye)

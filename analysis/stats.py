@@ -271,7 +271,7 @@ def run_stats(
                 written += figs.region_heatmap(regions, method, fig_dir, regions=tables.regions)
                 task.advance()
         task.close()
-    _remove_stale([stats_dir, fig_dir], written)
+    _remove_stale([stats_dir, fig_dir] if figures else [stats_dir], written)
     record_path = stats_dir / "run.json"
     write_record(
         record_path,
