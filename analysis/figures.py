@@ -168,27 +168,33 @@ def age_scatter(scans: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str 
     colours = colormaps["tab10"] if len(sites) <= 10 else None
     size = 6 if len(scans) < 2000 else 2
     alpha = 0.7 if len(scans) < 2000 else 0.3
-    for k, site in enumerate(sites):
-        part = scans[scans["site"].astype(str) == site]
-        colour = colours(k) if colours is not None else "#1f4e79"
-        label = site if colours is not None else None
-        ax1.scatter(
-            part["age"], part["predicted_age"], s=size, alpha=alpha, color=colour, label=label, rasterized=True, lw=0
-        )
-        ax2.scatter(part["age"], part["gap"], s=size, alpha=alpha, color=colour, rasterized=True, lw=0)
+    # one scatter in a shuffled order, so no site is hidden under the ones drawn after it
+    order = np.random.default_rng(0).permutation(len(scans))
+    site_of = scans["site"].astype(str).to_numpy()[order]
+    if colours is not None:
+        colour = np.array([colours(sites.index(s)) for s in site_of])
+    else:
+        colour = np.tile(np.array([[0.12, 0.31, 0.47, 1.0]]), (len(order), 1))
+    age = scans["age"].to_numpy()[order]
+    ax1.scatter(age, scans["predicted_age"].to_numpy()[order], s=size, alpha=alpha, c=colour, rasterized=True, lw=0)
+    ax2.scatter(age, scans["gap"].to_numpy()[order], s=size, alpha=alpha, c=colour, rasterized=True, lw=0)
+    if colours is not None:
+        for k, site in enumerate(sites):
+            ax1.scatter([], [], s=12, color=colours(k), label=site)
     lo = float(min(scans["age"].min(), scans["predicted_age"].min()))
     hi = float(max(scans["age"].max(), scans["predicted_age"].max()))
     ax1.plot([lo, hi], [lo, hi], color="0.3", lw=1, ls="--", label="identity")
     ax1.set_xlabel("Chronological age (years)")
     ax1.set_ylabel("Predicted age (years)")
     ax1.set_title("Out-of-fold predictions by site", fontsize=10)
-    ax1.legend(fontsize=7, markerscale=2, frameon=False, title="site" if colours else None, title_fontsize=7)
+    ax1.legend(fontsize=7, frameon=False, title="site" if colours else None, title_fontsize=7)
     ax2.axhline(0.0, color="0.3", lw=1, ls="--")
     ax2.set_xlabel("Chronological age (years)")
     ax2.set_ylabel("Corrected age gap (years)")
     ax2.set_title("Bias-corrected age gap", fontsize=10)
     for ax in (ax1, ax2):
         ax.grid(color="0.92")
+        ax.set_axisbelow(True)
     return save(fig, out_dir, stem)
 
 
