@@ -13,6 +13,7 @@ AttributionMethod = Literal["gradcam", "integrated_gradients", "ablation", "shap
 ImportanceMeasure = Literal["share", "enrichment", "density", "abs_mass"]
 ImagesAs = Literal["link", "path", "copy"]
 QcFlag = Literal["unreadable", "nonfinite", "fat_water_swap", "missing_coverage", "extreme_intensity"]
+SegmentTask = Literal["total_mr", "tissue_types_mr"]
 
 SEXES: tuple[Sex, ...] = ("F", "M")
 DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
@@ -22,3 +23,7 @@ PHENOTYPE_TYPES: tuple[PhenotypeType, ...] = ("binary", "continuous")
 IMAGES_AS: tuple[ImagesAs, ...] = ("link", "path", "copy")
 #: the image-quality flags of `bodyage qc` (one boolean column each in STUDY/qc.csv)
 QC_FLAGS: tuple[QcFlag, ...] = ("unreadable", "nonfinite", "fat_water_swap", "missing_coverage", "extreme_intensity")
+#: TotalSegmentator tasks `bodyage segment` runs (organs; tissue classes, licence needed)
+SEGMENT_TASKS: tuple[SegmentTask, ...] = ("total_mr", "tissue_types_mr")
+#: devices of `bodyage segment --device` (TotalSegmentator's names)
+SEGMENT_DEVICES: tuple[SegmentDevice, ...] = ("auto", "cpu", "gpu")

@@ -36,6 +36,10 @@ class WeightsMissingError(BodyageError):
     """TotalSegmentator weights for a task are missing or incomplete."""
 
 
+class SegmentationError(BodyageError):
+    """Scans could not be segmented or their masks imported (the reasons are in failures.csv)."""
+
+
 class NotBuiltError(BodyageError):
     """A command or option that is registered but not implemented yet."""
 

@@ -58,6 +58,9 @@ REGION_GROUPS: dict[str, tuple[str, ...]] = {
     "iliopsoas": ("iliopsoas_left", "iliopsoas_right"),
 }
 
+#: regions that only one sex has (region -> "F"/"M"): absent in the other sex is expected, not missing
+SEX_SPECIFIC_REGIONS: dict[str, str] = {"prostate": "M"}
+
 _KIND_BY_NAME: dict[str, RegionKind] = {
     "sacrum": "bone",
     "vertebrae": "bone",
