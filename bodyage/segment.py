@@ -49,8 +49,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from bodyage._typing import SEGMENT_DEVICES, SEGMENT_TASKS, SegmentDevice, SegmentTask
-from bodyage.errors import BodyageError, InputError, SegmentationError, StudyError
+from bodyage.errors import InputError, SegmentationError, StudyError, WeightsMissingError
 from bodyage.progress import NO_PROGRESS, Progress
 from bodyage.regions import (
     ORGAN_TASK,
@@ -197,7 +197,7 @@ def build_config(
     """
     from bodyage.totalseg import task_spec
 
-    chosen = parse_channel_options(None) if channels is None else dict(channels)
+    chosen = parse_channel_options([f"{t}={c}" for t, c in (channels or {}).items()])
     if source is not None:
         given = [f"--{name}" for name, v in ts_options.items() if v is not None]
         if tasks:
@@ -230,8 +230,8 @@ def build_config(
     return SegmentConfig(tasks=ordered, fast=fast, channels=resolved)
 
 
-def study_label_table(study: Study, config: SegmentConfig) -> tuple[LabelTable, bool]:
-    """The label table masks are written in, and whether it differs from ``labels.json``.
+def study_label_table(study: Study, config: SegmentConfig) -> LabelTable:
+    """The label table masks are written in.
 
     ``labels.json`` is the authority when present; regions of the tasks to run that it
     lacks are added with their combined-map ids (DESIGN.md §3) when those ids are free.
@@ -256,8 +256,7 @@ def study_label_table(study: Study, config: SegmentConfig) -> tuple[LabelTable, 
                     f"is taken by {names[want]}; add {name} with a free id"
                 )
             names[want] = name
-    extended = LabelTable(names)
-    return extended, study.labels is None or extended.to_json_dict() != study.labels.to_json_dict()
+    return LabelTable(names)
 
 
 def region_family(name: str) -> str:
@@ -489,7 +488,7 @@ def _segment_scan(
     table: LabelTable,
     config: SegmentConfig,
     fingerprint: str,
-    session: Any,
+    session: Callable[[], Any],
 ) -> dict[str, Any]:
     from bodyage.masks import combine_label_maps, label_dtype, relabel, write_mask
     from bodyage.volumes import load_volume, same_grid
@@ -519,11 +518,12 @@ def _segment_scan(
     notes = [n for n in [orientation_note(ref.shape, ref.spacing)] if n]
     dtype = label_dtype(table.max_id)
     maps: dict[str, npt.NDArray[np.integer]] = {}
+    ts = session()  # outside the per-scan error handling: a session that cannot start concerns every scan
     for task, ch in config.channels.items():
         vol = volumes[ch]
         try:
-            ts_labels = session.segment(vol.data, vol.affine, task)
-        except (BodyageError, KeyboardInterrupt):
+            ts_labels = ts.segment(vol.data, vol.affine, task)
+        except WeightsMissingError:  # concerns every scan
             raise
         except Exception as err:  # TotalSegmentator / nnU-Net / CUDA errors are per scan: recorded, not hidden
             log.debug("TotalSegmentator failed on %s (%s)", scan, task, exc_info=True)
@@ -917,7 +917,7 @@ def segment_study(
             f"(image columns: {', '.join(c for c in DEFAULT_CHANNELS if c in (columns or []))})"
         )
     st = load_study(root, channels=wanted)
-    table, _changed = study_label_table(st, config)
+    table = study_label_table(st, config)
     fingerprint = config.fingerprint(table)
     paths = StudyPaths(root)
 
@@ -957,8 +957,15 @@ def segment_study(
     n_new = n_skipped = n_failed = n_replaced = 0
     with rank_group(world) as barrier:
         bar = progress.task("import masks" if config.imports else "segment", len(mine))
-        session_cm: Any = nullcontext() if config.imports else TotalSegmentatorSession(config.tasks, **session_args)
-        with session_cm as session:
+        with ExitStack() as stack:
+            sessions: list[Any] = []
+
+            def session() -> Any:
+                # started on the first scan that needs it: a finished run re-run only merges
+                if not sessions:
+                    sessions.append(stack.enter_context(TotalSegmentatorSession(config.tasks, **session_args)))
+                return sessions[0]
+
             ts_failures_in_a_row = 0
             for row in mine:
                 scan = str(row["scan_id"])
