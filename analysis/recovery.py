@@ -1,0 +1,652 @@
+"""Validation on planted truth (DESIGN.md §6): does the pipeline find the ageing we planted.
+
+:func:`recovery` compares a run on a simulated study with the study's ``truth.json`` and
+returns the dictionary ``report`` writes to ``RUN/recovery.json`` (the keys of DESIGN.md
+§6 are a contract; more are added):
+
+``mae``, ``oracle_mae``, ``mae_ratio``
+    The run's out-of-fold MAE (uncorrected, as ``metrics.json``), the oracle's floor and
+    their ratio.
+``methods[<method>]``
+    ``k`` (regions with ``region_information > 0``), ``precision_at_k`` (fraction of
+    them among the k most important regions), ``spearman`` (rank correlation of
+    ``region_information`` with importance over every region present), ``top_regions``
+    (the k most important), ``importance_measure``, ``by_effect`` (precision among the
+    planted regions of each effect type) and ``agreement_with_ablation`` (Spearman of
+    the method's importance with ``ablation``'s).
+``phenotypes[<phenotype>]``
+    ``planted`` (the scenario accelerates some region's ageing), ``gap_effect``,
+    ``ci_low``, ``ci_high``, ``q`` (separate phenotype model on the corrected gap),
+    ``planted_regions`` and ``significant_regions[<method>]`` (region models at FDR
+    ``alpha``).
+``goals``
+    The goals of DESIGN.md §6, each with its target, value and ``met``.
+
+Region importance (:func:`region_importance`) is the mean over scans of ``|mass|`` for
+region-level methods (``ablation``, ``shapley``), whose signed values cancel between young
+and old scans; for voxel methods the measure the attribution step declares (see
+:func:`declared_measures`), by default :data:`DEFAULT_VOXEL_MEASURE`. Always per region,
+never grouped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis._typing import REGION_LEVEL_METHODS
+from analysis.latex import escape, format_number, format_p
+from analysis.regionmodels import ALPHA
+from analysis.run import STATS_DIR, RunTables, as_run
+from bodyage.errors import InputError, StudyError
+
+TRUTH_FILE = "truth.json"
+RECOVERY_FILE = "recovery.json"
+RECOVERY_TEX = "recovery.tex"
+METRICS_FILE = "metrics.json"
+#: files of the attribution step that may declare each voxel method's importance measure
+MEASURE_SOURCES: tuple[str, ...] = ("attribution_recovery.json", "attribute.json", "attribute/run.json")
+#: importance of voxel methods when the attribution step declares none: the prototype of
+#: DESIGN.md §6 ranked GradCAM best by enrichment (share favours big regions)
+DEFAULT_VOXEL_MEASURE = "enrichment"
+#: name recorded for region-level methods: the mean over scans of |mass|
+ABS_MASS = "abs_mass"
+VOXEL_MEASURES: tuple[str, ...] = ("share", "enrichment", "density", "abs_mass")
+#: the method every other method is compared with
+REFERENCE_METHOD = "ablation"
+
+
+def read_truth(study_root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Read ``STUDY/truth.json``; ``None`` when the study is not simulated.
+
+    Raises
+    ------
+    StudyError
+        If the file exists but is not a JSON object with ``region_information``.
+    """
+    path = Path(study_root) / TRUTH_FILE
+    if not path.is_file():
+        return None
+    try:
+        truth = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise StudyError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+    if not isinstance(truth, dict) or not isinstance(truth.get("region_information"), dict):
+        raise StudyError(f"{path}: expected a JSON object with 'region_information'")
+    return truth
+
+
+def declared_measures(run_root: str | os.PathLike[str] | None) -> dict[str, str]:
+    """Importance measures the attribution step declares for its voxel methods.
+
+    Looked up, first found wins, in :data:`MEASURE_SOURCES` under the run folder: a key
+    ``importance_measure`` holding ``{method: measure}`` (or one measure for every voxel
+    method), or ``methods: {method: {"importance_measure": measure}}``.
+
+    Returns
+    -------
+    dict
+        ``{method: measure}``; empty when nothing is declared.
+    """
+    if run_root is None:
+        return {}
+    root = Path(run_root)
+    for name in MEASURE_SOURCES:
+        path = root / name
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(raw, dict):
+            continue
+        found: dict[str, str] = {}
+        value = raw.get("importance_measure")
+        if isinstance(value, dict):
+            found.update({str(k): str(v) for k, v in value.items()})
+        elif isinstance(value, str):
+            found["*"] = value
+        methods = raw.get("methods")
+        if isinstance(methods, dict):
+            for m, entry in methods.items():
+                if isinstance(entry, dict) and isinstance(entry.get("importance_measure"), str):
+                    found[str(m)] = entry["importance_measure"]
+        if found:
+            return found
+    return {}
+
+
+def importance_measure(method: str, declared: Mapping[str, str] | None = None) -> str:
+    """The importance measure of ``method``: ``abs_mass`` for region-level methods, else declared or default.
+
+    Raises
+    ------
+    InputError
+        If the declared measure is not one of :data:`VOXEL_MEASURES`.
+    """
+    if method in REGION_LEVEL_METHODS:
+        return ABS_MASS
+    declared = declared or {}
+    measure = declared.get(method, declared.get("*", DEFAULT_VOXEL_MEASURE))
+    if measure not in VOXEL_MEASURES:
+        raise InputError(
+            f"importance measure of {method!r} must be one of {', '.join(VOXEL_MEASURES)}; {measure!r} was given"
+        )
+    return measure
+
+
+def region_importance(attributions: pd.DataFrame, method: str, measure: str) -> pd.DataFrame:
+    """Mean importance per region over scans, with a 95% confidence interval.
+
+    Parameters
+    ----------
+    attributions
+        ``attributions.parquet`` (long table).
+    method
+        Attribution method.
+    measure
+        Column averaged; ``abs_mass`` is computed as ``|mass|``. Scans where a region is
+        absent (NaN) are left out of that region's mean.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by region, columns ``mean``, ``ci_low``, ``ci_high`` (mean ± 1.96 SE) and
+        ``n`` (scans), sorted by ``mean`` descending (ties by region name). Regions absent
+        from every scan are dropped.
+    """
+    sub = attributions[attributions["method"].astype(str) == method]
+    if sub.empty:
+        raise InputError(f"attributions: no rows for method {method!r}")
+    values = sub["mass"].abs() if measure == ABS_MASS else sub[measure]
+    frame = pd.DataFrame({"region": sub["region"].astype(str).to_numpy(), "value": values.to_numpy(float)})
+    grouped = frame.dropna().groupby("region")["value"]
+    out = pd.DataFrame({"mean": grouped.mean(), "sd": grouped.std(ddof=1), "n": grouped.size()})
+    se = out["sd"] / np.sqrt(out["n"])
+    out["ci_low"] = out["mean"] - 1.959964 * se
+    out["ci_high"] = out["mean"] + 1.959964 * se
+    out = out.drop(columns="sd").reset_index()
+    out = out.sort_values(["mean", "region"], ascending=[False, True], kind="mergesort").set_index("region")
+    return out[["mean", "ci_low", "ci_high", "n"]]
+
+
+def spearman(a: pd.Series, b: pd.Series) -> float:
+    """Spearman rank correlation of two series over their common index (average ranks; NaN if undefined)."""
+    both = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
+    if len(both) < 2:
+        return math.nan
+    ra = both["a"].rank(method="average").to_numpy()
+    rb = both["b"].rank(method="average").to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def region_effects(truth: Mapping[str, Any]) -> dict[str, str]:
+    """``{region: effect}`` of the scenario's planted ageing (``fat_fraction``, ``volume``, ``water_signal``)."""
+    ageing = (truth.get("scenario") or {}).get("ageing") or []
+    return {str(e["region"]): str(e["effect"]) for e in ageing if isinstance(e, Mapping) and "region" in e}
+
+
+def method_recovery(
+    importance: pd.Series,
+    information: Mapping[str, float],
+    effects: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Score one method's region ranking against the planted information.
+
+    Parameters
+    ----------
+    importance
+        Region -> importance (larger is more important).
+    information
+        ``truth.json``'s ``region_information``: region -> rise of the oracle's MAE when
+        the region is withheld (0 for regions without planted ageing).
+    effects
+        Region -> planted effect type, for ``by_effect``.
+
+    Returns
+    -------
+    dict
+        ``k``, ``precision_at_k``, ``spearman``, ``top_regions``, ``by_effect``. A planted
+        region missing from ``importance`` counts as not found.
+    """
+    info = pd.Series({str(k): float(v) for k, v in information.items()}, dtype=float)
+    planted = set(info.index[info > 0])
+    k = len(planted)
+    imp = importance.dropna()
+    order = sorted(imp.index, key=lambda r: (-float(imp[r]), str(r)))
+    top = [str(r) for r in order[:k]]
+    hits = planted.intersection(top)
+    present = info.reindex(imp.index).fillna(0.0)
+    by_effect: dict[str, float] = {}
+    for effect in sorted(set((effects or {}).values())):
+        regions = [r for r in planted if (effects or {}).get(r) == effect]
+        if regions:
+            by_effect[effect] = len(hits.intersection(regions)) / len(regions)
+    return {
+        "k": k,
+        "precision_at_k": len(hits) / k if k else math.nan,
+        "spearman": spearman(present, imp),
+        "top_regions": top,
+        "by_effect": by_effect,
+    }
+
+
+def _phenotype_results(tables: RunTables, phenotypes: Sequence[str], alpha: float) -> tuple[pd.DataFrame, str]:
+    """Separate phenotype models: from ``RUN/stats`` when current, else fitted now."""
+    from analysis.phenotypes import phenotype_models
+
+    path = tables.root / STATS_DIR / "phenotype_models.parquet" if tables.root else None
+    if path is not None and path.is_file() and not stats_stale(tables.root):
+        res = pd.read_parquet(path)
+        if set(phenotypes) <= set(res["phenotype"]):
+            return res[res["model"] == "separate"], "stats"
+    res = phenotype_models(tables, phenotypes=list(phenotypes), joint=False)
+    return res[res["model"] == "separate"], "computed"
+
+
+def _region_results(tables: RunTables, phenotypes: Sequence[str], alpha: float) -> tuple[pd.DataFrame | None, str]:
+    """Region models at region level: from ``RUN/stats`` when current, else fitted now."""
+    from analysis.regionmodels import region_models
+
+    if tables.attributions is None:
+        return None, "none"
+    path = tables.root / STATS_DIR / "region_models.parquet" if tables.root else None
+    if path is not None and path.is_file() and not stats_stale(tables.root):
+        res = pd.read_parquet(path)
+        if (
+            (res["level"] == "region").all()
+            and set(phenotypes) <= set(res["phenotype"])
+            and set(tables.methods) <= set(res["method"].astype(str))
+        ):
+            return res, "stats"
+    return region_models(tables, phenotypes=list(phenotypes), alpha=alpha), "computed"
+
+
+def stats_stale(run_root: str | os.PathLike[str] | None) -> bool:
+    """Whether ``RUN/stats`` was made from other tables than the run's current ones.
+
+    Compares the SHA-256 of ``predictions.parquet`` and ``attributions.parquet`` recorded
+    in ``RUN/stats/run.json`` with the files now (a missing record counts as stale; a run
+    without ``stats/`` is not stale, it has no statistics).
+    """
+    from bodyage.provenance import file_sha256
+
+    if run_root is None:
+        return False
+    root = Path(run_root)
+    record_path = root / STATS_DIR / "run.json"
+    if not (root / STATS_DIR).is_dir():
+        return False
+    try:
+        inputs = json.loads(record_path.read_text(encoding="utf-8")).get("inputs", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return True
+    for name, file in (("predictions", "predictions.parquet"), ("attributions", "attributions.parquet")):
+        path = root / file
+        recorded = (inputs.get(name) or {}).get("sha256") if isinstance(inputs, dict) else None
+        if path.is_file() != (recorded is not None):
+            return True
+        if path.is_file() and recorded != file_sha256(path):
+            return True
+    return False
+
+
+def _run_mae(tables: RunTables) -> tuple[float, float | None]:
+    """Uncorrected out-of-fold MAE (``metrics.json`` when present, else the predictions) and the corrected one."""
+    metrics: dict[str, Any] = {}
+    if tables.root is not None and (tables.root / METRICS_FILE).is_file():
+        try:
+            metrics = json.loads((tables.root / METRICS_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            metrics = {}
+    pred = tables.predictions
+    mae = (metrics.get("overall") or {}).get("mae")
+    if not isinstance(mae, (int, float)):
+        mae = float((pred["predicted_age"] - pred["age"]).abs().mean())
+    corrected = (metrics.get("overall_corrected") or {}).get("mae")
+    if not isinstance(corrected, (int, float)):
+        corrected = float(pred["age_gap_corrected"].abs().mean()) if pred["age_gap_corrected"].notna().all() else None
+    return float(mae), corrected
+
+
+def recovery(
+    run: RunTables | str | os.PathLike[str],
+    truth: Mapping[str, Any] | None = None,
+    *,
+    measures: Mapping[str, str] | None = None,
+    alpha: float = ALPHA,
+) -> dict[str, Any]:
+    """Compare a run with the planted truth of its simulated study (DESIGN.md §6).
+
+    Parameters
+    ----------
+    run
+        Run folder or tables.
+    truth
+        The study's ``truth.json``; ``None``: read from the run's study.
+    measures
+        ``{method: measure}`` for voxel methods, overriding what the attribution step
+        declares (:func:`declared_measures`); default :data:`DEFAULT_VOXEL_MEASURE`.
+    alpha
+        FDR level of ``significant_regions`` and of the goals.
+
+    Returns
+    -------
+    dict
+        The content of ``recovery.json`` (see the module docstring). Phenotype and region
+        models are read from ``RUN/stats`` when it is current, else fitted here with the
+        defaults of ``bodyage stats``; ``sources`` says which.
+
+    Raises
+    ------
+    StudyError
+        If the study has no ``truth.json`` (not simulated) or it is invalid.
+    """
+    tables = as_run(run)
+    if truth is None:
+        if tables.study_root is None:
+            raise InputError("run tables built in memory need the truth (truth=...)")
+        truth = read_truth(tables.study_root)
+        if truth is None:
+            raise StudyError(f"{tables.study_root / TRUTH_FILE}: not found (recovery needs a simulated study)")
+    information = {str(k): float(v) for k, v in truth["region_information"].items()}
+    effects = region_effects(truth)
+    mae, mae_corrected = _run_mae(tables)
+    oracle = truth.get("oracle_mae")
+    oracle_mae = float(oracle) if isinstance(oracle, (int, float)) else math.nan
+    out: dict[str, Any] = {
+        "mae": mae,
+        "oracle_mae": oracle_mae,
+        "mae_ratio": mae / oracle_mae if oracle_mae and math.isfinite(oracle_mae) else math.nan,
+        "mae_corrected": mae_corrected,
+        "n_scans": len(tables.predictions),
+        "scenario": truth.get("scenario_name"),
+        "alpha": alpha,
+        "planted_regions": sorted(r for r, v in information.items() if v > 0),
+        "methods": {},
+        "phenotypes": {},
+    }
+
+    declared = dict(declared_measures(tables.root))
+    declared.update(measures or {})
+    importances: dict[str, pd.Series] = {}
+    for method in tables.methods:
+        measure = importance_measure(method, declared)
+        imp = region_importance(tables.attributions, method, measure)["mean"]  # type: ignore[arg-type]
+        importances[method] = imp
+        entry = method_recovery(imp, information, effects)
+        entry["importance_measure"] = measure
+        entry["measure_source"] = (
+            "region-level" if method in REGION_LEVEL_METHODS else ("declared" if method in declared else "default")
+        )
+        out["methods"][method] = entry
+    for method, entry in out["methods"].items():
+        ref = importances.get(REFERENCE_METHOD)
+        if method == REFERENCE_METHOD:
+            entry["agreement_with_ablation"] = 1.0
+        else:
+            entry["agreement_with_ablation"] = spearman(importances[method], ref) if ref is not None else None
+
+    planted_by_pheno = truth.get("phenotype_regions") or {}
+    scenario_phenos = (truth.get("scenario") or {}).get("phenotypes") or {}
+    names = [p for p in scenario_phenos if p in tables.cohort.columns] or [
+        p for p in planted_by_pheno if p in tables.cohort.columns
+    ]
+    sources: dict[str, str] = {}
+    if names:
+        gap, sources["phenotype_models"] = _phenotype_results(tables, names, alpha)
+        regions, sources["region_models"] = _region_results(tables, names, alpha)
+        for p in names:
+            row = gap[gap["phenotype"] == p]
+            r = row.iloc[0] if len(row) else None
+            planted_regions = [str(x) for x in planted_by_pheno.get(p, [])]
+            sig: dict[str, list[str]] = {}
+            if regions is not None:
+                for method in tables.methods:
+                    hit = regions[
+                        (regions["method"].astype(str) == method) & (regions["phenotype"] == p) & regions["significant"]
+                    ]
+                    sig[method] = sorted(hit["region"].astype(str))
+            anatomy = (scenario_phenos.get(p) or {}).get("anatomy") or {}
+            out["phenotypes"][p] = {
+                "planted": bool(planted_regions),
+                "gap_effect": _num(r, "estimate"),
+                "ci_low": _num(r, "ci_low"),
+                "ci_high": _num(r, "ci_high"),
+                "p": _num(r, "p"),
+                "q": _num(r, "q"),
+                "planted_regions": planted_regions,
+                "anatomy_regions": sorted(str(x) for x in anatomy),
+                "significant_regions": sig,
+            }
+    out["sources"] = sources
+    out["goals"] = evaluate_goals(out, alpha=alpha)
+    evaluated = [g["met"] for g in out["goals"].values() if g["met"] is not None]
+    out["goals_met"] = all(evaluated) if len(evaluated) == len(out["goals"]) else None
+    return out
+
+
+def _num(row: pd.Series | None, key: str) -> float | None:
+    if row is None or key not in row.index:
+        return None
+    v = row[key]
+    return float(v) if v is not None and pd.notna(v) else None
+
+
+#: the goals of DESIGN.md §6 on the default scenario: name -> (description, target)
+GOALS: dict[str, str] = {
+    "mae_ratio": "MAE / oracle MAE <= 1.5",
+    "ablation_precision_at_k": "ablation precision@k >= 0.75",
+    "gradcam_precision_at_k": "gradcam precision@k >= 0.5",
+    "diabetes_gap": "diabetes raises the corrected gap, q < alpha",
+    "diabetes_liver_ablation": "liver among diabetes' significant ablation regions",
+    "smoking_null": "smoking significant nowhere (gap and every method's regions)",
+}
+
+
+def evaluate_goals(rec: Mapping[str, Any], *, alpha: float = ALPHA) -> dict[str, dict[str, Any]]:
+    """Evaluate :data:`GOALS` on a recovery dictionary.
+
+    Returns
+    -------
+    dict
+        ``{name: {"goal": text, "value": ..., "met": bool | None}}``; ``met`` is ``None``
+        when the goal cannot be evaluated (its method or phenotype is absent).
+    """
+    goals: dict[str, dict[str, Any]] = {}
+
+    def put(name: str, value: Any, met: bool | None) -> None:
+        goals[name] = {"goal": GOALS[name], "value": value, "met": met}
+
+    ratio: Any = rec.get("mae_ratio")
+    put("mae_ratio", ratio, bool(ratio <= 1.5) if _finite(ratio) else None)
+    methods = rec.get("methods", {})
+    for method, threshold in (("ablation", 0.75), ("gradcam", 0.5)):
+        p = methods.get(method, {}).get("precision_at_k")
+        put(f"{method}_precision_at_k", p, bool(p >= threshold) if _finite(p) else None)
+    phenos = rec.get("phenotypes", {})
+    dia = phenos.get("diabetes")
+    if dia is not None and _finite(dia.get("q")) and _finite(dia.get("gap_effect")):
+        put("diabetes_gap", dia["q"], bool(dia["q"] < alpha and dia["gap_effect"] > 0))
+    else:
+        put("diabetes_gap", None, None)
+    abl = (dia or {}).get("significant_regions", {}).get("ablation")
+    put("diabetes_liver_ablation", abl, ("liver" in abl) if abl is not None else None)
+    smo = phenos.get("smoking")
+    if smo is not None and _finite(smo.get("q")):
+        anywhere = [m for m, regions in smo.get("significant_regions", {}).items() if regions]
+        value = {"q": smo["q"], "methods_with_significant_regions": anywhere}
+        put("smoking_null", value, bool(smo["q"] >= alpha and not anywhere))
+    else:
+        put("smoking_null", None, None)
+    return goals
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---------------------------------------------------------------- LaTeX
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return format_number(v, digits) if _finite(v) else "--"
+
+
+def _regions(names: Sequence[str]) -> str:
+    """Region names, breakable after underscores (never hyphenated inside a name)."""
+    return ", ".join(escape(n).replace(r"\_", r"\_\allowbreak{}") for n in names) if names else "--"
+
+
+def recovery_latex(rec: Mapping[str, Any]) -> str:
+    r"""LaTeX of a recovery dictionary: three tables (methods, phenotypes, goals).
+
+    Needs ``booktabs``, ``siunitx`` and ``array`` (for ``p{}`` columns of region lists).
+    Labels: ``tab:bodyage:recovery-methods``, ``-phenotypes``, ``-goals``.
+    """
+    lines: list[str] = []
+    k = next((m["k"] for m in rec.get("methods", {}).values()), len(rec.get("planted_regions", [])))
+    lines += [
+        r"\begin{table}[htbp]",
+        r"\centering",
+        r"\footnotesize",
+        r"\setlength{\tabcolsep}{3pt}",
+        r"\hyphenpenalty=10000",
+        r"\caption{Recovery of the planted ageing per attribution method. MAE "
+        + _fmt(rec.get("mae"))
+        + r"~years vs oracle "
+        + _fmt(rec.get("oracle_mae"))
+        + r"~years (ratio "
+        + _fmt(rec.get("mae_ratio"))
+        + r").}",
+        r"\label{tab:bodyage:recovery-methods}",
+        r"\begin{tabular}{l l r r r r >{\raggedright\arraybackslash}p{0.42\linewidth}}",
+        r"\toprule",
+        r"Method & Importance & {k} & {Precision@k} & {Spearman} & {vs ablation} & Top-k regions \\",
+        r"\midrule",
+    ]
+    for method, m in rec.get("methods", {}).items():
+        measure = "mean |mass|" if m.get("importance_measure") == ABS_MASS else m.get("importance_measure", "")
+        lines.append(
+            " & ".join(
+                [
+                    escape(method),
+                    escape(measure),
+                    str(m.get("k", "")),
+                    _fmt(m.get("precision_at_k")),
+                    _fmt(m.get("spearman")),
+                    _fmt(m.get("agreement_with_ablation")),
+                    _regions(m.get("top_regions", [])),
+                ]
+            )
+            + r" \\"
+        )
+    if not rec.get("methods"):
+        lines.append(r"\multicolumn{7}{l}{(no attributions: run \texttt{bodyage attribute})} \\")
+    lines += [
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\par\smallskip",
+        r"\begin{minipage}{\linewidth}\footnotesize",
+        escape(
+            f"k = {k} regions with planted information (region_information > 0): "
+            + ", ".join(rec.get("planted_regions", []))
+            + ". Precision@k: fraction of them among the k most important regions; Spearman: rank correlation "
+            "of region information with importance over all regions; vs ablation: Spearman with ablation's "
+            "importance. Region-level methods are ranked by the mean over scans of |mass|, voxel methods by the "
+            "measure named."
+        ),
+        r"\end{minipage}",
+        r"\end{table}",
+        "",
+    ]
+    methods = list(rec.get("methods", {}))
+    lines += [
+        r"\begin{table}[htbp]",
+        r"\centering",
+        r"\footnotesize",
+        r"\setlength{\tabcolsep}{3pt}",
+        r"\hyphenpenalty=10000",
+        r"\caption{Planted phenotype effects: effect on the corrected age gap (years per unit; carriers vs "
+        r"non-carriers for binary phenotypes) and the regions whose importance the phenotype shifts at FDR "
+        + _fmt(rec.get("alpha", ALPHA))
+        + ".}",
+        r"\label{tab:bodyage:recovery-phenotypes}",
+        r"\begin{tabular}{l c S[table-format=-1.2] c r >{\raggedright\arraybackslash}p{0.18\linewidth} "
+        r">{\raggedright\arraybackslash}p{0.27\linewidth}}",
+        r"\toprule",
+        r"Phenotype & Planted & {Gap effect} & 95\% CI & q & Planted regions & Significant regions \\",
+        r"\midrule",
+    ]
+    for name, p in rec.get("phenotypes", {}).items():
+        ci = (
+            rf"[\num{{{_fmt(p.get('ci_low'))}}}, \num{{{_fmt(p.get('ci_high'))}}}]"
+            if _finite(p.get("ci_low")) and _finite(p.get("ci_high"))
+            else "--"
+        )
+        found = p.get("significant_regions", {})
+        sig = r" \newline ".join(
+            rf"\emph{{{escape(m)}}}: " + (_regions(found[m]) if found[m] else "none") for m in methods if m in found
+        )
+        cells = [
+            escape(name),
+            "yes" if p.get("planted") else "no",
+            _fmt(p.get("gap_effect")) if _finite(p.get("gap_effect")) else "{--}",
+            ci,
+            format_p(p.get("q")),
+            _regions(p.get("planted_regions", [])),
+            sig or "--",
+        ]
+        lines.append(" & ".join(cells) + r" \\")
+    if not rec.get("phenotypes"):
+        lines.append(r"\multicolumn{7}{l}{(no phenotypes of the scenario in the cohort)} \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+
+    lines += [
+        r"\begin{table}[htbp]",
+        r"\centering",
+        r"\footnotesize",
+        r"\caption{Goals of the validation on planted truth (DESIGN \S 6, default scenario).}",
+        r"\label{tab:bodyage:recovery-goals}",
+        r"\begin{tabular}{>{\raggedright\arraybackslash}p{0.55\linewidth} l l}",
+        r"\toprule",
+        r"Goal & Value & Met \\",
+        r"\midrule",
+    ]
+    for g in rec.get("goals", {}).values():
+        met = {True: "yes", False: "\\textbf{no}", None: "n/a"}[g["met"]]
+        lines.append(f"{escape(g['goal'])} & {_goal_value(g['value'])} & {met} \\\\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def _goal_value(value: Any) -> str:
+    if value is None:
+        return "--"
+    if isinstance(value, list):
+        return escape(", ".join(map(str, value))) if value else "(none)"
+    if isinstance(value, dict):
+        q = value.get("q")
+        where = value.get("methods_with_significant_regions") or []
+        return "q = " + format_p(q) + ("; regions: " + escape(", ".join(where)) if where else "")
+    if _finite(value):
+        return format_p(value) if abs(value) < 1e-3 else _fmt(value, 3)
+    return escape(str(value))
+
+
+def write_recovery(rec: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``recovery.json`` and ``recovery.tex`` into ``out_dir`` (atomically); return the paths."""
+    from bodyage.atomic import write_json, write_text
+
+    out = Path(out_dir)
+    return [write_json(out / RECOVERY_FILE, dict(rec)), write_text(out / RECOVERY_TEX, recovery_latex(rec))]

@@ -1,0 +1,280 @@
+"""`bodyage report`: recovery.json against hand-computed answers, report.tex that compiles, missing steps, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from factories import REGIONS, make_tables, write_run
+from scipy.stats import spearmanr
+from typer.testing import CliRunner
+
+from analysis.recovery import method_recovery, recovery, region_importance
+from analysis.report import write_report
+from analysis.stats import run_stats
+from bodyage.errors import InputError, RunError
+from cli.app import app
+
+runner = CliRunner()
+
+#: planted information of the factory regions: k = 4
+INFORMATION: dict[str, float] = {r: 0.0 for r in REGIONS} | {
+    "liver": 0.05,
+    "pancreas": 0.04,
+    "torso_fat": 0.03,
+    "intervertebral_discs": 0.02,
+}
+EFFECTS = {
+    "liver": "fat_fraction",
+    "pancreas": "fat_fraction",
+    "torso_fat": "volume",
+    "intervertebral_discs": "water_signal",
+}
+#: the ablation |mass| we write per region: the top 4 are liver, pancreas, spleen, torso_fat
+ABLATION_MASS: dict[str, float] = {
+    "liver": 4.0,
+    "pancreas": 3.0,
+    "spleen": 2.5,
+    "torso_fat": 2.0,
+    "kidney_left": 1.0,
+    "intervertebral_discs": 0.9,
+    "kidney_right": 0.8,
+    "prostate": 0.7,
+    "gluteus_maximus_left": 0.6,
+    "gluteus_maximus_right": 0.5,
+    "subcutaneous_fat": 0.4,
+}
+#: the gradcam enrichment we write per region: top 4 are liver, kidney_left, kidney_right, spleen
+GRADCAM_ENRICHMENT: dict[str, float] = {r: 1.0 for r in REGIONS} | {
+    "liver": 9.0,
+    "kidney_left": 8.0,
+    "kidney_right": 7.0,
+    "spleen": 6.0,
+    "pancreas": 5.0,
+}
+
+
+def _truth() -> dict[str, object]:
+    return {
+        "scenario_name": "test",
+        "oracle_mae": 2.0,
+        "region_information": INFORMATION,
+        "scenario": {
+            "ageing": [{"region": r, "effect": e, "per_year": 0.01} for r, e in EFFECTS.items()],
+            "phenotypes": {
+                "diabetes": {"type": "binary", "accelerates": {"liver": 5.0}},
+                "smoking": {"type": "binary"},
+            },
+        },
+        "phenotype_regions": {"diabetes": ["liver"], "smoking": []},
+    }
+
+
+def _planted_run(root: Path, *, attributions: bool = True) -> Path:
+    """A factory run whose attributions have known region importances, with truth.json in the study."""
+    frames = make_tables(120, seed=5, noise_sd=1.5)
+    attr = frames.attributions.copy()
+    rng = np.random.default_rng(0)
+    abl = attr["method"] == "ablation"
+    sign = np.where(rng.random(len(attr)) < 0.5, -1.0, 1.0)  # signed mass cancels; |mass| does not
+    attr.loc[abl, "mass"] = attr.loc[abl, "region"].map(ABLATION_MASS).to_numpy() * sign[abl.to_numpy()]
+    grad = attr["method"] == "gradcam"
+    attr.loc[grad, "enrichment"] = attr.loc[grad, "region"].map(GRADCAM_ENRICHMENT).to_numpy()
+    absent = frames.attributions["share"].isna()
+    attr.loc[absent, ["mass", "enrichment"]] = np.nan  # prostate stays absent in women's scans
+    frames = type(frames)(frames.cohort, frames.predictions, attr, frames.regions)
+    run = write_run(root, frames, attributions=attributions)
+    (root / "study" / "truth.json").write_text(json.dumps(_truth()))
+    return run
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = _planted_run(tmp_path_factory.mktemp("report"))
+    run_stats(run, phenotypes=["diabetes", "bmi", "smoking"])
+    return run
+
+
+def test_method_recovery_by_hand() -> None:
+    imp = pd.Series(ABLATION_MASS)
+    got = method_recovery(imp, INFORMATION, EFFECTS)
+    assert got["k"] == 4
+    assert got["top_regions"] == ["liver", "pancreas", "spleen", "torso_fat"]
+    assert got["precision_at_k"] == pytest.approx(3 / 4)
+    # fat_fraction: liver, pancreas both found; volume: torso_fat found; water_signal: discs missed
+    assert got["by_effect"] == {"fat_fraction": 1.0, "volume": 1.0, "water_signal": 0.0}
+    info = pd.Series(INFORMATION)[imp.index]
+    assert got["spearman"] == pytest.approx(spearmanr(info, imp).statistic)
+
+
+def test_method_recovery_perfect_and_missing_region() -> None:
+    info = {"a": 3.0, "b": 2.0, "c": 1.0, "d": 0.0}
+    perfect = method_recovery(pd.Series({"a": 30.0, "b": 20.0, "c": 10.0, "d": 0.0}), info)
+    assert perfect["precision_at_k"] == 1.0
+    assert perfect["spearman"] == pytest.approx(1.0)
+    # a planted region absent from the attributions counts as not found
+    missing = method_recovery(pd.Series({"a": 30.0, "b": 20.0, "d": 10.0}), info)
+    assert missing["precision_at_k"] == pytest.approx(2 / 3)
+    assert missing["top_regions"] == ["a", "b", "d"]
+
+
+def test_region_importance_is_mean_abs_mass_with_ci(planted: Path) -> None:
+    attr = pd.read_parquet(planted / "attributions.parquet")
+    imp = region_importance(attr, "ablation", "abs_mass")
+    assert list(imp.index[:4]) == ["liver", "pancreas", "spleen", "torso_fat"]
+    assert imp.loc["liver", "mean"] == pytest.approx(4.0)
+    assert imp.loc["liver", "ci_low"] == pytest.approx(4.0)  # constant |mass|: zero-width interval
+    n_men = int((pd.read_csv(planted.parent / "study" / "cohort.csv")["sex"] == "M").sum())
+    assert imp.loc["prostate", "n"] == n_men  # absent is NaN, not 0
+
+
+def test_recovery_json_contract(planted: Path) -> None:
+    rec = recovery(planted)
+    assert {"mae", "oracle_mae", "mae_ratio", "methods", "phenotypes", "goals"} <= set(rec)
+    pred = pd.read_parquet(planted / "predictions.parquet")
+    mae = float((pred["predicted_age"] - pred["age"]).abs().mean())
+    assert rec["mae"] == pytest.approx(mae)
+    assert rec["mae_ratio"] == pytest.approx(mae / 2.0)
+    abl, grad = rec["methods"]["ablation"], rec["methods"]["gradcam"]
+    for m in (abl, grad):
+        assert {"k", "precision_at_k", "spearman", "top_regions", "importance_measure", "by_effect"} <= set(m)
+        assert "agreement_with_ablation" in m
+    assert abl["precision_at_k"] == pytest.approx(0.75)
+    assert abl["importance_measure"] == "abs_mass"
+    # gradcam ranked by enrichment (the default): of the planted regions only liver is in its top 4
+    assert grad["importance_measure"] == "enrichment"
+    assert grad["top_regions"] == ["liver", "kidney_left", "kidney_right", "spleen"]
+    assert grad["precision_at_k"] == pytest.approx(1 / 4)
+    common = list(ABLATION_MASS)
+    expect = spearmanr([GRADCAM_ENRICHMENT[r] for r in common], [ABLATION_MASS[r] for r in common]).statistic
+    assert grad["agreement_with_ablation"] == pytest.approx(expect)
+    dia = rec["phenotypes"]["diabetes"]
+    assert dia["planted"] is True and dia["planted_regions"] == ["liver"]
+    assert {"gap_effect", "ci_low", "ci_high", "q", "significant_regions"} <= set(dia)
+    assert dia["gap_effect"] > 0 and dia["q"] < 0.05  # the factory plants +2 years
+    assert set(dia["significant_regions"]) == {"ablation", "gradcam"}
+    assert rec["phenotypes"]["smoking"]["planted"] is False
+    assert rec["sources"] == {"phenotype_models": "stats", "region_models": "stats"}
+    assert rec["goals"]["gradcam_precision_at_k"]["met"] is False
+    assert rec["goals"]["ablation_precision_at_k"]["met"] is True
+
+
+def test_declared_measure_and_override(planted: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(planted, run)
+    (run / "attribute.json").write_text(json.dumps({"methods": {"gradcam": {"importance_measure": "share"}}}))
+    rec = recovery(run, _truth())
+    assert rec["methods"]["gradcam"]["importance_measure"] == "share"
+    assert rec["methods"]["gradcam"]["measure_source"] == "declared"
+    rec = recovery(run, _truth(), measures={"gradcam": "density"})
+    assert rec["methods"]["gradcam"]["importance_measure"] == "density"
+    with pytest.raises(InputError, match="importance measure of 'gradcam' must be one of"):
+        recovery(run, _truth(), measures={"gradcam": "volume"})
+
+
+def test_report_folder(planted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    res = write_report(planted, out)
+    assert res.missing == ()
+    for name in ("report.tex", "summary.md", "recovery.json", "recovery.tex", "report.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((planted / "recovery.json").read_text()) == json.loads((out / "recovery.json").read_text())
+    tex = (out / "report.tex").read_text()
+    for src in sorted((planted / "stats").glob("*.tex")):
+        assert f"\\input{{stats/{src.stem}}}" in tex, src.name
+        assert (out / "stats" / src.name).is_file()
+    for src in sorted((planted / "figures").glob("*.pdf")):
+        assert f"{{figures/{src.name}}}" in tex, src.name
+        assert (out / "figures" / src.with_suffix(".png").name).is_file()
+    assert "\\input{recovery}" in tex
+    assert tex.count("\\includegraphics") == len(list((planted / "figures").glob("*.pdf")))
+    summary = (out / "summary.md").read_text()
+    assert "Mean absolute error" in summary and "precision@k" in summary and "q " in summary
+    assert "Failures: 0" in summary
+    # participant ids never leave the run folder
+    ids = set(pd.read_parquet(planted / "predictions.parquet")["subject_id"])
+    for path in out.rglob("*"):
+        if path.suffix in (".tex", ".md", ".json", ".csv"):
+            text = path.read_text()
+            assert not any(re.search(rf"\b{i}\b", text) for i in list(ids)[:50]), path.name
+
+
+def test_report_again_removes_stale_files(planted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    write_report(planted, out)
+    stale = out / "figures" / "old_figure.pdf"
+    stale.write_bytes(b"%PDF")
+    record = json.loads((out / "report.json").read_text())
+    record["outputs"].append("figures/old_figure.pdf")
+    (out / "report.json").write_text(json.dumps(record))
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    write_report(planted, out)
+    assert not stale.exists() and keep.exists()
+
+
+@pytest.mark.latex
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_report_compiles(planted: Path, tmp_path: Path) -> None:
+    res = write_report(planted, tmp_path / "rep", pdf=True)
+    assert res.pdf is not None and res.pdf.stat().st_size > 10_000
+    log = res.pdf.with_suffix(".log").read_text(errors="replace")
+    assert "Undefined control sequence" not in log
+    assert "Overfull \\hbox" not in log.split("recovery.tex")[-1]  # our own tables fit the page
+
+
+@pytest.mark.latex
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_report_without_attributions_or_stats(tmp_path: Path) -> None:
+    run = _planted_run(tmp_path, attributions=False)
+    res = write_report(run, tmp_path / "rep", pdf=True)
+    assert any("bodyage attribute" in m for m in res.missing)
+    assert any("bodyage stats" in m for m in res.missing)
+    summary = res.summary_md.read_text()
+    assert "run `bodyage attribute RUN`" in summary and "run `bodyage stats RUN`" in summary
+    assert res.recovery is not None and res.recovery["methods"] == {}
+    assert res.recovery["sources"]["phenotype_models"] == "computed"
+    assert res.pdf is not None and res.pdf.is_file()
+
+
+def test_stale_stats_are_not_trusted(planted: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(planted, run)
+    attr = pd.read_parquet(run / "attributions.parquet")
+    attr.loc[attr["method"] == "ablation", "mass"] *= 2.0
+    attr.to_parquet(run / "attributions.parquet", index=False)
+    res = write_report(run, tmp_path / "rep")
+    assert any("older tables" in m for m in res.missing)
+    assert res.recovery is not None and res.recovery["sources"]["region_models"] == "computed"
+
+
+def test_not_a_run_folder(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match=r"run\.json: not found"):
+        write_report(tmp_path, tmp_path / "rep")
+    (tmp_path / "nope").mkdir()
+    res = runner.invoke(app, ["report", str(tmp_path / "nope")])
+    assert res.exit_code == 1
+    assert res.output.count("\n") == 1 and "run.json: not found" in res.output
+
+
+def test_run_without_predictions(planted: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(planted, run)
+    (run / "predictions.parquet").unlink()
+    with pytest.raises(RunError, match=r"predictions\.parquet: not found \(run `bodyage train` first\)"):
+        write_report(run, tmp_path / "rep")
+
+
+def test_cli(planted: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["report", str(planted), "--out", str(tmp_path / "rep"), "--importance", "gradcam=share"])
+    assert res.exit_code == 0, res.output
+    assert "precision@4" in res.output and "goals:" in res.output
+    rec = json.loads((tmp_path / "rep" / "recovery.json").read_text())
+    assert rec["methods"]["gradcam"]["importance_measure"] == "share"
+    bad = runner.invoke(app, ["report", str(planted), "--importance", "gradcam"])
+    assert bad.exit_code == 1 and "METHOD=MEASURE" in bad.output
