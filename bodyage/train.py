@@ -561,6 +561,7 @@ def train_run(
             )
         cohort = cohort[~cohort["scan_id"].isin(excluded)].reset_index(drop=True)
 
+    assign_folds(cohort, cfg.folds, cfg.seed)  # enough subjects? (checked before anything is written)
     grid = cfg.grid
     if grid is None:
         from bodyage.volumes import load_volume

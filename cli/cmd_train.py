@@ -16,7 +16,15 @@ from cli.state import STATE
 @handles_errors
 def train(
     study: Annotated[Path, typer.Argument(help="Study folder.")],
-    run: Annotated[Path, typer.Option("--run", help="Run folder to write (an interrupted run resumes).")],
+    run: Annotated[
+        Path,
+        typer.Option(
+            "--run",
+            "--run-dir",
+            help="Run folder to write (an interrupted run resumes). Under torchrun write --run-dir: "
+            "torchrun reads --run as an abbreviation of its own --run-path.",
+        ),
+    ],
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds, grouped by subject.")] = 5,
     epochs: Annotated[int, typer.Option("--epochs", help="Maximum epochs per fold (early stopping).")] = 40,
     model: Annotated[str, typer.Option("--model", help="Architecture: sfcn or resnet3d.")] = "sfcn",
