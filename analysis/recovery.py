@@ -557,7 +557,7 @@ def recovery_latex(rec: Mapping[str, Any]) -> str:
         r"\bottomrule",
         r"\end{tabular}",
         r"\par\smallskip",
-        r"\begin{minipage}{\linewidth}\footnotesize",
+        r"\begin{minipage}{\linewidth}\footnotesize\raggedright",
         escape(
             f"k = {k} regions with planted information (region_information > 0): "
             + ", ".join(rec.get("planted_regions", []))

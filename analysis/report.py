@@ -390,7 +390,7 @@ def _gather(run_root: Path, out_dir: Path) -> tuple[list[Path], list[Path], list
     cmp_src = run_root / COMPARE_DIR
     if cmp_src.is_dir():
         for folder in sorted(p for p in cmp_src.iterdir() if p.is_dir()):
-            sec = _Section(f"Comparison: {folder.name.replace('_', ' ')}")
+            sec = _Section(f"Comparison: {_comparison_title(folder)}")
             rel_dir = f"{COMPARE_DIR}/{folder.name}"
             for tex in sorted(folder.glob("*.tex")):
                 for src in (tex, tex.with_suffix(".csv")):
@@ -407,6 +407,15 @@ def _gather(run_root: Path, out_dir: Path) -> tuple[list[Path], list[Path], list
                 comparisons.append(sec)
     sections = [age, attribution, phenos, regions, *comparisons, other]
     return _dedupe(tables), _dedupe(figures), sections
+
+
+def _comparison_title(folder: Path) -> str:
+    """``<cohort> vs <reference>`` from the comparison's ``run.json``, else the folder name."""
+    record = _read_json(folder / "run.json")
+    args = record.get("arguments") if isinstance(record, Mapping) else None
+    if isinstance(args, Mapping) and isinstance(args.get("cohort"), str) and isinstance(args.get("reference"), str):
+        return f"{args['cohort']} vs {args['reference']}"
+    return folder.name.replace("_", " ")
 
 
 def _dedupe(paths: Sequence[Path]) -> list[Path]:
@@ -472,7 +481,10 @@ def _aspect(png: Path) -> float | None:
 
 
 def _figure_tex(path: str, caption: str, aspect: float | None = None) -> list[str]:
-    label = "fig:bodyage:" + Path(path).stem.replace("_", "-")
+    rel = Path(path)
+    # figures of the run by name; a comparison's figure by its folder too (labels must be unique)
+    name = rel.stem if rel.parent.name == FIGURES_DIR else f"{rel.parent.name}-{rel.stem}"
+    label = "fig:bodyage:" + name.replace("_", "-")
     # tall figures (a heatmap of 50 regions) get most of a page, wide ones half of it
     height = "0.8" if aspect is not None and aspect > 1.0 else "0.42"
     return [

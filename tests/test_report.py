@@ -278,3 +278,18 @@ def test_cli(planted: Path, tmp_path: Path) -> None:
     assert rec["methods"]["gradcam"]["importance_measure"] == "share"
     bad = runner.invoke(app, ["report", str(planted), "--importance", "gradcam"])
     assert bad.exit_code == 1 and "METHOD=MEASURE" in bad.output
+
+
+def test_report_includes_comparisons(planted: Path, tmp_path: Path) -> None:
+    from analysis.compare import run_compare
+
+    run = tmp_path / "run"
+    shutil.copytree(planted, run)
+    _, folder = run_compare(run, "diabetes == 1", "diabetes == 0")
+    res = write_report(run, tmp_path / "rep")
+    tex = res.report_tex.read_text()
+    rel = folder.relative_to(run).as_posix()
+    for src in folder.glob("*.tex"):
+        assert f"\\input{{{rel}/{src.stem}}}" in tex
+    assert "Comparison: diabetes == 1 vs diabetes == 0" in tex
+    assert f"fig:bodyage:{folder.name.replace('_', '-')}-comparison-effects" in tex
