@@ -24,7 +24,8 @@ relative to the run folder, so a thesis writer can lift any table or figure out 
     longer produced are removed).
 
 A missing step is not an error: the report and the summary say which command to run
-(``attribute``, ``stats``). No file of the report names a participant.
+(``attribute``, ``stats``). No file of the report names a participant: figures whose file
+name carries a participant or scan id (per-scan maps) are left out and counted.
 
 A step may caption its figures by writing ``figures/captions.json`` (``{stem: caption}``);
 otherwise the captions below, or the figure's name, are used.
@@ -245,7 +246,10 @@ def write_report(
     elif has_attr and not (run_root / STATS_DIR / "region_models.parquet").is_file():
         missing.append(f"no region models: run `bodyage stats {run_root}` again (after attribute)")
 
-    copied_tables, copied_figures, sections = _gather(run_root, out_dir)
+    ids = set(tables.predictions["subject_id"].astype(str)) | set(tables.predictions["scan_id"].astype(str))
+    copied_tables, copied_figures, sections, withheld = _gather(run_root, out_dir, ids)
+    if withheld:  # counted, never named: the names carry the ids
+        missing.append(f"{len(withheld)} per-scan figure(s) left out: their file names carry participant ids")
     written += copied_tables
     written += [f for f in copied_figures if f.suffix in (".pdf", ".png")]
 
@@ -347,8 +351,21 @@ def _caption(stem: str, declared: Mapping[str, str]) -> str:
     return stem.replace("_", " ").capitalize() + "."
 
 
-def _gather(run_root: Path, out_dir: Path) -> tuple[list[Path], list[Path], list[_Section]]:
-    """Copy tables (.tex + .csv) and figures (.pdf + .png) into the report and lay out its sections."""
+def _names_participant(stem: str, ids: set[str]) -> bool:
+    """Whether a file name carries a participant or scan id (as a ``_``/``-``-separated token or run of tokens)."""
+    tokens = stem.replace("-", "_").split("_")
+    return any(
+        "_".join(tokens[i:j]) in ids for i in range(len(tokens)) for j in range(i + 1, min(len(tokens), i + 3) + 1)
+    )
+
+
+def _gather(run_root: Path, out_dir: Path, ids: set[str]) -> tuple[list[Path], list[Path], list[_Section], list[str]]:
+    """Copy tables (.tex + .csv) and figures (.pdf + .png) into the report and lay out its sections.
+
+    Figures whose file name carries a participant or scan id (per-scan maps) are left
+    out; their names are returned last.
+    """
+    withheld: list[str] = []
     tables: list[Path] = []
     figures: list[Path] = []
     age = _Section("Age prediction")
@@ -375,6 +392,9 @@ def _gather(run_root: Path, out_dir: Path) -> tuple[list[Path], list[Path], list
     fig_src = run_root / FIGURES_DIR
     declared = _captions(fig_src)
     for fig in _figure_files(fig_src):
+        if _names_participant(fig.stem, ids):
+            withheld.append(f"{FIGURES_DIR}/{fig.name}")
+            continue
         for src in (fig, fig.with_suffix(".png")):
             if src.is_file():
                 figures.append(_copy(src, out_dir / FIGURES_DIR / src.name))
@@ -399,6 +419,9 @@ def _gather(run_root: Path, out_dir: Path) -> tuple[list[Path], list[Path], list
                 sec.tables.append(f"{rel_dir}/{tex.stem}")
             caps = _captions(folder)
             for fig in _figure_files(folder):
+                if _names_participant(fig.stem, ids):
+                    withheld.append(f"{rel_dir}/{fig.name}")
+                    continue
                 for src in (fig, fig.with_suffix(".png")):
                     if src.is_file():
                         figures.append(_copy(src, out_dir / rel_dir / src.name))
@@ -406,7 +429,7 @@ def _gather(run_root: Path, out_dir: Path) -> tuple[list[Path], list[Path], list
             if sec.tables or sec.figures:
                 comparisons.append(sec)
     sections = [age, attribution, phenos, regions, *comparisons, other]
-    return _dedupe(tables), _dedupe(figures), sections
+    return _dedupe(tables), _dedupe(figures), sections, withheld
 
 
 def _comparison_title(folder: Path) -> str:
@@ -761,7 +784,7 @@ def _summary(
     lines += ["## Sanity checks", ""]
     sanity = _read_json(run_root / SANITY_FILE)
     if sanity is None:
-        lines += ["No sanity checks recorded (RUN/sanity.json is written by `bodyage attribute`).", ""]
+        lines += ["No sanity checks recorded (no RUN/sanity.json).", ""]
     else:
         lines += [*_sanity_lines(sanity), ""]
 

@@ -293,3 +293,37 @@ def test_report_includes_comparisons(planted: Path, tmp_path: Path) -> None:
         assert f"\\input{{{rel}/{src.stem}}}" in tex
     assert "Comparison: diabetes == 1 vs diabetes == 0" in tex
     assert f"fig:bodyage:{folder.name.replace('_', '-')}-comparison-effects" in tex
+
+
+def test_per_scan_figures_are_left_out(planted: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(planted, run)
+    sid = str(pd.read_parquet(run / "predictions.parquet")["subject_id"].iloc[0])
+    (run / "figures" / f"saliency_{sid}_0.png").write_bytes((run / "figures" / "age_scatter.png").read_bytes())
+    res = write_report(run, tmp_path / "rep")
+    assert not list((tmp_path / "rep").rglob(f"*{sid}*"))
+    assert sid not in res.report_tex.read_text() and sid not in res.summary_md.read_text()
+    assert any("1 per-scan figure(s) left out" in m for m in res.missing)
+
+
+def test_goals_by_hand() -> None:
+    from analysis.recovery import evaluate_goals
+
+    rec = {
+        "mae_ratio": 1.2,
+        "methods": {"ablation": {"precision_at_k": 0.75}, "gradcam": {"precision_at_k": 0.375}},
+        "phenotypes": {
+            "diabetes": {"gap_effect": 1.5, "q": 0.01, "significant_regions": {"ablation": ["liver", "pancreas"]}},
+            "smoking": {"gap_effect": 0.1, "q": 0.8, "significant_regions": {"ablation": [], "gradcam": ["colon"]}},
+        },
+    }
+    goals = evaluate_goals(rec)
+    assert {k: g["met"] for k, g in goals.items()} == {
+        "mae_ratio": True,
+        "ablation_precision_at_k": True,
+        "gradcam_precision_at_k": False,
+        "diabetes_gap": True,
+        "diabetes_liver_ablation": True,
+        "smoking_null": False,
+    }
+    assert evaluate_goals({"mae_ratio": 1.6, "methods": {}, "phenotypes": {}})["gradcam_precision_at_k"]["met"] is None
