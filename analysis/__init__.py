@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from analysis.filters import Filter, parse_filter
     from analysis.phenotypes import phenotype_models
     from analysis.regionmodels import importance_matrix, joint_region_model, region_gap_correlations, region_models
+    from analysis.report import ReportResult, write_report
     from analysis.run import RunTables, load_run
     from analysis.stats import StatsResult, run_stats
 
@@ -49,12 +50,15 @@ _EXPORTS: dict[str, str] = {
     "benjamini_hochberg": "analysis.fdr",
     "run_stats": "analysis.stats",
     "StatsResult": "analysis.stats",
+    "write_report": "analysis.report",
+    "ReportResult": "analysis.report",
 }
 
 __all__ = [
     "ComparisonResult",
     "Filter",
     "GapCorrectionResult",
+    "ReportResult",
     "RunTables",
     "StatsResult",
     "age_accuracy",
@@ -71,6 +75,7 @@ __all__ = [
     "run_compare",
     "run_stats",
     "write_comparison",
+    "write_report",
 ]
 
 
