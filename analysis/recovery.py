@@ -616,7 +616,7 @@ def recovery_latex(rec: Mapping[str, Any]) -> str:
         r"\begin{table}[htbp]",
         r"\centering",
         r"\footnotesize",
-        r"\caption{Goals of the validation on planted truth (DESIGN \S 6, default scenario).}",
+        r"\caption{Goals of the validation on planted truth (those set for the default scenario).}",
         r"\label{tab:bodyage:recovery-goals}",
         r"\begin{tabular}{>{\raggedright\arraybackslash}p{0.55\linewidth} l l}",
         r"\toprule",
