@@ -29,7 +29,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: how to build it and which layer GradCAM uses by default."""
+    """A registered model: how to build it and which layer GradCAM uses by default.
+
+    ``default_layer`` is ``block1`` (full resolution) for both models: on the default
+    synthetic study GradCAM ranked the planted regions best there (precision@8 0.625 by
+    mean ``|mass|`` at block1 against 0.25–0.375 at block2–block4; README "attribute").
+    """
 
     name: str
     build: Callable[..., nn.Module]
@@ -137,14 +142,14 @@ MODELS: dict[str, ModelSpec] = {
     "sfcn": ModelSpec(
         name="sfcn",
         build=_sfcn,
-        default_layer="block3",
+        default_layer="block1",
         defaults={"widths": [16, 32, 64, 64], "dropout": 0.2},
         description="SFCN-style conv-BN-pool stages, global average pooling (default)",
     ),
     "resnet3d": ModelSpec(
         name="resnet3d",
         build=_resnet3d,
-        default_layer="block3",
+        default_layer="block1",
         defaults={"widths": [16, 32, 64, 64], "dropout": 0.2},
         description="small 3D ResNet, two basic blocks per stage",
     ),

@@ -3,17 +3,89 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from bodyage.errors import NotBuiltError
 from cli.errors import handles_errors
+from cli.progress import progress_display
+from cli.state import STATE
 
 
 @handles_errors
 def attribute(
     run: Annotated[Path, typer.Argument(help="Run folder (after train).")],
+    method: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--method",
+            help="Attribution method, repeatable: gradcam, integrated_gradients, ablation, shapley "
+            "[default: gradcam and ablation].",
+        ),
+    ] = None,
+    layer: Annotated[
+        Optional[str],
+        typer.Option("--layer", help="GradCAM layer, block1 (full resolution) ... blockN [default: block1]."),
+    ] = None,
+    baseline: Annotated[
+        str,
+        typer.Option(
+            "--baseline",
+            help="What replaces a region in ablation/shapley: mean (cohort-mean tissue value per channel and "
+            "region), erase (the surrounding tissue) or blur.",
+        ),
+    ] = "mean",
+    samples: Annotated[int, typer.Option("--samples", help="Shapley value sampling: permutations per scan.")] = 25,
+    save_maps: Annotated[
+        int, typer.Option("--save-maps", help="Write NIfTI and PNG attribution maps of this many scans.")
+    ] = 0,
+    sanity: Annotated[
+        bool,
+        typer.Option("--sanity", help="Model-randomisation check (cascading from the top) -> sanity.json."),
+    ] = False,
+    sanity_scans: Annotated[int, typer.Option("--sanity-scans", help="Scans in the sanity check's sample.")] = 16,
+    groups: Annotated[
+        bool, typer.Option("--groups", help="Also write attributions_groups.parquet (kidney = left + right, ...).")
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Scans per forward/backward pass.")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of Shapley sampling and the sanity check.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    cache: Annotated[
+        Optional[Path], typer.Option("--cache", help="Preprocessed-tensor cache folder [default: as train].")
+    ] = None,
+    no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip the cohort figures.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Organ-level attribution (GradCAM, ablation, ...) -> attributions.parquet."""
-    raise NotBuiltError("`bodyage attribute` is not built yet (issue #5)")
+    """Organ-level attribution (GradCAM, ablation, ...) -> attributions.parquet, slice_profiles.parquet."""
+    import warnings
+
+    from bodyage.attribute import AttributeConfig, attribute_run
+    from bodyage.attribution import DEFAULT_METHODS
+    from bodyage.errors import BodyageWarning
+
+    if quiet:
+        STATE.quiet = True
+    cfg = AttributeConfig(
+        methods=tuple(method or DEFAULT_METHODS),
+        layer=layer,
+        baseline=baseline,
+        samples=samples,
+        batch_size=batch_size,
+        seed=seed,
+        groups=groups,
+        save_maps=save_maps,
+        figures=not no_figures,
+    )
+    with progress_display() as progress:
+        result = attribute_run(
+            run, cfg, device=device, cache_dir=cache, sanity=sanity, sanity_scans=sanity_scans, progress=progress
+        )
+    if not result.merged:
+        return
+    typer.echo(result.line())
+    if result.sanity is not None:
+        for m, entry in result.sanity["methods"].items():
+            if entry.get("warning"):
+                warnings.warn(entry["warning"], BodyageWarning, stacklevel=1)
+            else:
+                typer.echo(f"sanity {m}: Spearman {entry['final']:.2f} after full randomisation (passed)")

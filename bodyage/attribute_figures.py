@@ -1,0 +1,266 @@
+"""Figures of ``bodyage attribute``: cohort summaries and per-scan maps for people.
+
+Cohort figures (``RUN/figures/``, PDF and PNG):
+
+- ``attribution_regions_<method>``: mean region importance with a 95% CI, regions sorted,
+  coloured by kind (organ, muscle, fat, bone, vessel, ...);
+- ``attribution_slices_<method>``: mean attribution mass per axial slice along the body
+  with a 95% band, the youngest and oldest age tertiles overlaid, and the z-extent of
+  each region drawn alongside, so a reader sees which body level drives the prediction.
+
+Per-scan maps (``RUN/attribute/maps/``, written for ``--save-maps N`` scans): one NIfTI
+per scan and method on the image's own grid and affine (RAS+ orientation, as the images
+are read), loadable over the image in ITK-SNAP or 3D Slicer, and one PNG per scan with a
+coronal and a sagittal slice, the attribution overlaid and the region contours drawn.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from bodyage.attribution import METHODS
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from bodyage.attribute import AttributeConfig, RunInputs
+
+MAPS_DIR = "attribute/maps"
+KIND_COLOURS: dict[str, str] = {
+    "organ": "#1b9e77",
+    "muscle": "#d95f02",
+    "fat": "#e6ab02",
+    "bone": "#7570b3",
+    "vessel": "#e7298a",
+    "nervous": "#66a61e",
+    "other": "#666666",
+}
+
+
+def _save(fig: Any, folder: Path, stem: str, exts: tuple[str, ...] = ("pdf", "png")) -> list[Path]:
+    from bodyage.atomic import write_with
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for ext in exts:
+        path = folder / f"{stem}.{ext}"
+        write_with(path, partial(fig.savefig, format=ext, dpi=130, bbox_inches="tight"))
+        out.append(path)
+    return out
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def region_figure(attributions: pd.DataFrame, method: str, measure: str, folder: Path) -> list[Path]:
+    """Mean region importance with 95% CI, sorted, coloured by region kind."""
+    from bodyage.regions import region_kind
+
+    plt = _plt()
+    sub = attributions[attributions["method"] == method]
+    vals = sub["mass"].abs() if measure == "abs_mass" else sub[measure]
+    g = vals.groupby(sub["region"])
+    stats = pd.DataFrame({"mean": g.mean(), "se": g.std(ddof=1) / np.sqrt(g.count())}).dropna(subset=["mean"])
+    stats = stats.sort_values("mean")
+    fig, ax = plt.subplots(figsize=(6.0, max(3.0, 0.16 * len(stats) + 1.0)))
+    colours = [KIND_COLOURS.get(region_kind(str(r)), "#666666") for r in stats.index]
+    ax.barh(np.arange(len(stats)), stats["mean"], xerr=1.96 * stats["se"].fillna(0), color=colours, ecolor="#333333")
+    ax.set_yticks(np.arange(len(stats)), [str(r).replace("_", " ") for r in stats.index], fontsize=6.5)
+    label = "mean |mass| (years)" if METHODS[method].level == "region" else f"mean {measure.replace('_', ' ')}"
+    ax.set_xlabel(label)
+    ax.set_title(f"{method}: region importance (95% CI)", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
+    ax.legend(handles, list(KIND_COLOURS), fontsize=6, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    out = _save(fig, folder, f"attribution_regions_{method}")
+    plt.close(fig)
+    return out
+
+
+def slice_figure(slices: pd.DataFrame, ages: pd.Series, extents: pd.DataFrame, method: str, folder: Path) -> list[Path]:
+    """Mean mass per axial slice (95% band), young vs old tertiles, and the regions' z-extents."""
+    plt = _plt()
+    sub = slices[slices["method"] == method].copy()
+    sub["key"] = sub["subject_id"].astype(str) + "_" + sub["visit"].astype(str)
+    wide = sub.pivot_table(index="key", columns="z_mm", values="mass")
+    z = wide.columns.to_numpy(dtype=float)
+    age = ages.reindex(wide.index)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(7.5, 6.0), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    m = wide.mean()
+    se: pd.Series = wide.std(ddof=1) / np.sqrt(wide.count())
+    ax.plot(m, z, color="black", lw=1.4, label="all scans")
+    ax.fill_betweenx(z, m - 1.96 * se, m + 1.96 * se, color="grey", alpha=0.3, lw=0)
+    lo, hi = age.quantile([1 / 3, 2 / 3])
+    for sel, name, col in ((age <= lo, "youngest third", "#1f78b4"), (age >= hi, "oldest third", "#e31a1c")):
+        if sel.any():
+            ax.plot(wide[sel.to_numpy()].mean(), z, color=col, lw=1.1, label=name)
+    ax.axvline(0, color="#999999", lw=0.7)
+    ax.invert_yaxis()
+    ax.set_ylabel("distance from the top of the field of view (mm)")
+    ax.set_xlabel("attribution mass per slice (years)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{method}: where along the body", fontsize=9)
+    ext = extents.sort_values("z_mid")
+    for i, (region, row) in enumerate(ext.iterrows()):
+        ax2.plot([i, i], [row["z_min"], row["z_max"]], lw=2.5, color="#555555", solid_capstyle="butt")
+        ax2.text(i, row["z_min"], str(region).replace("_", " "), rotation=90, fontsize=5, va="bottom", ha="center")
+    ax2.set_xticks([])
+    ax2.set_xlabel("region extents (median over scans)")
+    out = _save(fig, folder, f"attribution_slices_{method}")
+    plt.close(fig)
+    return out
+
+
+def region_extents(inputs: RunInputs, scan_ids: list[str], max_scans: int = 50) -> pd.DataFrame:
+    """Median z-extent (mm from the top) of every region over up to ``max_scans`` scans."""
+    from bodyage.attribute import z_positions
+
+    names = dict(inputs.labels.names) if inputs.labels is not None else {}
+    rows = []
+    for sid in scan_ids[:max_scans]:
+        cs = inputs.cache.scans[sid]
+        mask = np.asarray(cs.load_mask())
+        z = z_positions(cs.affine, mask.shape[-1])
+        present = np.zeros((max(names, default=0) + 1, mask.shape[-1]), dtype=bool)
+        lab = mask.reshape(-1, mask.shape[-1])
+        cols = np.broadcast_to(np.arange(mask.shape[-1]), lab.shape)
+        ok = lab < present.shape[0]
+        present[lab[ok], cols[ok]] = True
+        for i, name in names.items():
+            hit = np.nonzero(present[i])[0]
+            if len(hit):
+                rows.append({"region": name, "z_min": z[hit].min(), "z_max": z[hit].max()})
+    if not rows:
+        return pd.DataFrame(columns=["z_min", "z_max", "z_mid"])
+    ext = pd.DataFrame(rows).groupby("region").median()
+    ext["z_mid"] = (ext["z_min"] + ext["z_max"]) / 2
+    return ext
+
+
+def cohort_figures(
+    run: Path, attributions: pd.DataFrame, slices: pd.DataFrame, inputs: RunInputs, recovery: dict[str, Any]
+) -> list[Path]:
+    """Write the cohort figures of every method to ``RUN/figures``."""
+    folder = run / "figures"
+    out: list[Path] = []
+    measures = recovery.get("importance_measure", {})
+    for method in pd.unique(attributions["method"]):
+        out += region_figure(attributions, str(method), measures.get(method, "abs_mass"), folder)
+    if len(slices):
+        preds = inputs.predictions
+        ages = pd.Series(preds["age"].to_numpy(float), index=preds["scan_id"].to_numpy())
+        scan_ids = list(dict.fromkeys(slices["subject_id"].astype(str) + "_" + slices["visit"].astype(str)))
+        extents = region_extents(inputs, scan_ids)
+        for method in pd.unique(slices["method"]):
+            out += slice_figure(slices, ages, extents, str(method), folder)
+    return out
+
+
+# ----------------------------------------------------------------------------- maps
+
+
+def _to_image_grid(arr: npt.NDArray[np.float64], shape: tuple[int, ...], order: int) -> npt.NDArray[np.float64]:
+    from scipy import ndimage
+
+    factors = [o / i for o, i in zip(shape, arr.shape, strict=True)]
+    return np.asarray(ndimage.zoom(arr, factors, order=order, mode="nearest", grid_mode=True))
+
+
+def save_maps(
+    run: Path,
+    inputs: RunInputs,
+    rows: pd.DataFrame,
+    cfg: AttributeConfig,
+    *,
+    layer: str,
+    n_labels: int,
+    device: torch.device,
+    means: torch.Tensor | None,
+) -> list[Path]:
+    """NIfTI (image grid and affine) and PNG maps of the scans in ``rows``, every method.
+
+    Voxel methods are upsampled linearly from the model grid to the image grid; region
+    methods are painted onto the regions (nearest neighbour).
+    """
+    import nibabel as nib
+    import torch
+
+    from bodyage.atomic import write_with
+    from bodyage.attribute import explain_batch
+    from bodyage.train import load_fold_model
+    from bodyage.volumes import load_volume
+
+    plt = _plt()
+    folder = run / MAPS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    for k, sub in rows.groupby("fold"):
+        model, hp = load_fold_model(inputs.model_files[int(str(k))], device=device)
+        for _, row in sub.iterrows():
+            sid = str(row["scan_id"])
+            cs = inputs.cache.scans[sid]
+            x = torch.from_numpy(np.asarray(cs.load(), dtype=np.float32))[None].to(device)
+            lab = torch.from_numpy(np.asarray(cs.load_mask(), dtype=np.int64))[None].to(device)
+            res = explain_batch(
+                model,
+                x,
+                lab,
+                list(cfg.methods),
+                cfg=cfg,
+                layer=layer,
+                n_labels=n_labels,
+                age_sd=float(hp["age_sd"]),
+                means=means,
+            )
+            cohort_row = inputs.study.cohort.set_index("scan_id").loc[sid]
+            img = load_volume(inputs.study.path(cohort_row[inputs.study.channels[0]]))
+            shape = tuple(int(s) for s in img.shape)
+            labels_img = _to_image_grid(lab[0].cpu().numpy().astype(float), shape, 0).astype(np.int64)
+            fig, axes = plt.subplots(len(res), 2, figsize=(6.0, 4.2 * len(res)), squeeze=False)
+            for j, (m, r) in enumerate(res.items()):
+                if r.maps is not None:
+                    grid_map = r.maps[0].double().cpu().numpy()
+                    amap = _to_image_grid(grid_map, shape, 1)
+                else:
+                    vals = np.nan_to_num(np.asarray(r.region_values)[0], nan=0.0)
+                    amap = vals[np.clip(labels_img, 0, len(vals) - 1)]
+                nifti = nib.Nifti1Image(amap.astype(np.float32), img.affine)
+                nifti.header["descrip"] = f"bodyage attribute {m} years"[:79].encode()
+                path = folder / f"{sid}_{m}.nii.gz"
+                write_with(path, partial(nib.save, nifti))
+                out.append(path)
+                _panel(axes[j], np.asarray(img.data, dtype=float), amap, labels_img, f"{sid} {m}")
+            out += _save(fig, folder, sid, exts=("png",))
+            plt.close(fig)
+    return out
+
+
+def _panel(
+    axes: Any, image: npt.NDArray[np.float64], amap: npt.NDArray[np.float64], labels: npt.NDArray[np.int64], title: str
+) -> None:
+    """Coronal (through the middle) and sagittal slices: image, signed overlay, region contours."""
+    lim = float(np.nanpercentile(np.abs(amap), 99.5)) or 1.0
+    cy, cx = image.shape[1] // 2, image.shape[0] // 2
+    views = (
+        ("coronal", image[:, cy, :], amap[:, cy, :], labels[:, cy, :]),
+        ("sagittal", image[cx, :, :], amap[cx, :, :], labels[cx, :, :]),
+    )
+    for ax, (name, im, am, lb) in zip(axes, views, strict=True):
+        ax.imshow(im.T, cmap="gray", origin="lower", aspect="equal")
+        ov = ax.imshow(am.T, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.55, origin="lower", aspect="equal")
+        ax.contour(lb.T, levels=np.unique(lb)[1:] - 0.5, colors="white", linewidths=0.3, origin="lower")
+        ax.set_title(f"{title} ({name})", fontsize=7)
+        ax.axis("off")
+    axes[-1].figure.colorbar(ov, ax=list(axes), fraction=0.03, label="years")

@@ -1,0 +1,341 @@
+"""`bodyage attribute`: methods against hand computations, aggregation, batching, resume, bad input.
+
+Models are tiny (a 16×12×32 grid, 4–8 channels) so each test takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from bodyage.attribute import AttributeConfig, attribute_run, check_config, group_table
+from bodyage.attribution import attribute_batch, gradcam_maps, region_measures, region_sums
+from bodyage.errors import InputError, RunError
+from bodyage.models import build_model, get_layer
+from bodyage.train import TrainConfig, train_run
+from cli.app import app
+from tests.conftest import tiny_scenario
+
+runner = CliRunner()
+TINY = TrainConfig(folds=2, epochs=2, grid=(16, 12, 32), model_kwargs={"widths": [4, 8, 8]}, batch_size=4)
+FAST = AttributeConfig(methods=("gradcam", "ablation"), figures=False, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_study: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("attr") / "run"
+    train_run(tiny_study, run, TINY, cache_dir=run.parent / "cache", figures=False)
+    return run
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("attribute", "attributions*.parquet"))
+    return out
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def test_region_sums_equal_a_naive_loop(rng: np.random.Generator) -> None:
+    maps = rng.standard_normal((3, 9, 7, 11))
+    labels = rng.integers(0, 6, size=maps.shape)
+    labels[1][labels[1] == 4] = 0  # region 4 absent from scan 1
+    s, a, c = region_sums(torch.from_numpy(maps), torch.from_numpy(labels), 6)
+    for b in range(3):
+        for k in range(6):
+            sel = labels[b] == k
+            assert c[b, k].item() == sel.sum()
+            if sel.any():
+                np.testing.assert_allclose(s[b, k].item(), maps[b][sel].sum(), rtol=1e-6)
+                np.testing.assert_allclose(a[b, k].item(), np.abs(maps[b][sel]).sum(), rtol=1e-6)
+    m = region_measures(s[:, 1:].numpy(), a[:, 1:].numpy(), c[:, 1:].numpy(), 0.5)
+    assert np.isnan(m["mass"][1, 3]) and np.isnan(m["share"][1, 3]) and np.isnan(m["n_voxels"][1, 3])
+    np.testing.assert_allclose(np.nansum(m["share"], axis=1), 1.0)
+    np.testing.assert_allclose(m["volume_ml"], m["n_voxels"] * 0.5)
+    uniform = region_measures(c[:, 1:].numpy(), c[:, 1:].numpy(), c[:, 1:].numpy(), 1.0)  # map of ones
+    np.testing.assert_allclose(uniform["enrichment"][np.isfinite(uniform["enrichment"])], 1.0)
+
+
+def test_region_sums_refuse_labels_out_of_range() -> None:
+    with pytest.raises(InputError, match=r"label ids must lie in \[0, 3\)"):
+        region_sums(torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2, 2), 5), 3)
+
+
+# ----------------------------------------------------------------------------- GradCAM by hand
+
+
+class _Known(nn.Module):
+    """features.block1: 1x1x1 conv (weights 1, -2); block2: 2x2x2 average pooling; head: mean + linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv3d(1, 2, 1, bias=False)
+        conv.weight.data[:] = torch.tensor([1.0, -2.0]).view(2, 1, 1, 1, 1)
+        self.features = nn.Sequential()
+        self.features.add_module("block1", conv)
+        self.features.add_module("block2", nn.AvgPool3d(2))
+        self.head = nn.Linear(2, 1, bias=True)
+        self.head.weight.data[:] = torch.tensor([[0.5, 3.0]])
+        self.head.bias.data[:] = 7.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.features(x)
+        return self.head(a.mean(dim=(2, 3, 4))).squeeze(1)
+
+
+def test_gradcam_equals_a_hand_computed_gradcam(rng: np.random.Generator) -> None:
+    model = _Known().eval()
+    x = torch.from_numpy(rng.random((2, 1, 4, 6, 8))).float()
+    # block2 output A_c = avgpool(k_c x); dy/dA_c = w_c / N at every voxel; alpha_c = w_c / N
+    a = torch.nn.functional.avg_pool3d(torch.cat([x * 1.0, x * -2.0], dim=1), 2)
+    n = a.shape[2] * a.shape[3] * a.shape[4]
+    cam = (0.5 / n) * a[:, 0] + (3.0 / n) * a[:, 1]  # signed: no ReLU
+    expected = torch.nn.functional.interpolate(cam[:, None], size=(4, 6, 8), mode="trilinear")[:, 0]
+    got = gradcam_maps(model, x, model.features.block2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got < 0).any()  # the sign is kept
+    full = gradcam_maps(model, x, model.features.block1)
+    n1 = 4 * 6 * 8
+    torch.testing.assert_close(full, (0.5 / n1) * x[:, 0] + (3.0 / n1) * (-2.0) * x[:, 0], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- batching, Shapley
+
+
+def _random_batch(rng: np.random.Generator, b: int = 3) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_model("sfcn", 2, widths=[4, 8, 8]).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.from_numpy(rng.random((b, 2, 8, 6, 16))).float()
+    lab = torch.zeros(b, 8, 6, 16, dtype=torch.int64)
+    lab[:, 1:4, 1:5, 2:8] = 1
+    lab[:, 4:7, 1:5, 2:8] = 2
+    lab[:, 2:6, 2:4, 9:14] = 3
+    return model, x, lab
+
+
+@pytest.mark.parametrize("method", ["gradcam", "integrated_gradients", "ablation", "shapley"])
+def test_a_scans_map_is_the_same_alone_and_in_a_batch(rng: np.random.Generator, method: str) -> None:
+    model, x, lab = _random_batch(rng)
+    means = torch.rand(4, 2)
+    kw = {"n_labels": 4, "age_sd": 10.0, "layer": get_layer(model, "block2"), "cohort_means": means, "samples": 3}
+    torch.manual_seed(1)
+    batch = attribute_batch(method, model, x, lab, **kw)  # type: ignore[arg-type]
+    torch.manual_seed(1)
+    alone = attribute_batch(method, model, x[1:2], lab[1:2], **kw)  # type: ignore[arg-type]
+    if batch.maps is not None:
+        assert alone.maps is not None
+        torch.testing.assert_close(batch.maps[1:2], alone.maps, rtol=1e-4, atol=1e-5)
+    else:
+        np.testing.assert_allclose(batch.region_values[1:2], alone.region_values, rtol=1e-4, atol=1e-5)  # type: ignore[index]
+    model.train()
+    with pytest.raises(InputError, match=r"eval\(\) mode"):
+        attribute_batch(method, model, x, lab, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("baseline", ["mean", "erase", "blur"])
+def test_shapley_values_add_up_to_the_prediction_minus_the_baseline(rng: np.random.Generator, baseline: str) -> None:
+    model, x, lab = _random_batch(rng)
+    res = attribute_batch(
+        "shapley", model, x, lab, n_labels=4, age_sd=11.0, baseline=baseline, cohort_means=torch.rand(4, 2), samples=4
+    )
+    assert np.abs(res.check["efficiency_error"]).max() < 1e-3  # years
+
+
+def test_ablation_is_the_change_in_predicted_years(rng: np.random.Generator) -> None:
+    model, x, lab = _random_batch(rng, b=1)
+    means = torch.rand(4, 2)
+    res = attribute_batch("ablation", model, x, lab, n_labels=4, age_sd=11.0, cohort_means=means)
+    x2 = x.clone()
+    region = lab[0] == 3
+    x2[0][:, region] = means[3][:, None]
+    with torch.no_grad():
+        expected = (model(x) - model(x2)).item() * 11.0
+    assert res.region_values is not None
+    np.testing.assert_allclose(res.region_values[0, 3], expected, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def test_attribute_writes_the_tables_stats_reads(tiny_run: Path, tiny_study: Path, tmp_path: Path) -> None:
+    from analysis.run import load_run
+
+    run = _copy_run(tiny_run, tmp_path)
+    cfg = AttributeConfig(methods=("gradcam", "ablation"), batch_size=4, groups=True, save_maps=1)
+    res = attribute_run(run, cfg, cache_dir=tiny_run.parent / "cache")
+    n = len(pd.read_csv(tiny_study / "cohort.csv"))
+    labels = json.loads((tiny_study / "labels.json").read_text())
+    attr = pd.read_parquet(run / "attributions.parquet")
+    assert len(attr) == n * 2 * len(labels) and res.n_scans == n
+    tables = load_run(run)  # the schema `bodyage stats` reads
+    assert set(tables.methods) == {"gradcam", "ablation"}
+    # absent regions are NaN, not 0 (prostate in women)
+    women = pd.read_csv(tiny_study / "cohort.csv").query("sex == 'F'")["subject_id"].astype(str)
+    prostate = attr[(attr["region"] == "prostate") & attr["subject_id"].isin(women)]
+    assert len(prostate) and prostate["mass"].isna().all() and prostate["n_voxels"].isna().all()
+    # out of fold: each scan carries its prediction's fold
+    preds = pd.read_parquet(run / "predictions.parquet")
+    merged = attr.merge(preds, on=["subject_id", "visit"], suffixes=("", "_pred"))
+    assert (merged["fold"] == merged["fold_pred"]).all()
+    slices = pd.read_parquet(run / "slice_profiles.parquet")
+    assert set(slices["method"]) == {"gradcam"} and len(slices) == n * 32
+    assert slices["z_mm"].min() == 0.0
+    rec = json.loads((run / "attribution_recovery.json").read_text())
+    assert rec["methods"]["gradcam"]["importance_measure"] == "abs_mass" and rec["methods"]["ablation"]["k"] == 6
+    groups = pd.read_parquet(run / "attributions_groups.parquet")
+    assert "kidney" in set(groups["region"]) and "kidney_left" not in set(groups["region"])
+    assert list((run / "attribute" / "maps").glob("*_gradcam.nii.gz"))
+    assert list((run / "attribute" / "maps").glob("*.png"))
+    assert (run / "figures" / "attribution_regions_ablation.png").is_file()
+    assert (run / "figures" / "attribution_slices_gradcam.png").is_file()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _KillAfter:
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def task(self, description: str, total: int | None) -> _KillAfter:
+        self.attributing = description == "attribute"
+        return self
+
+    def advance(self, n: int = 1, **fields: object) -> None:
+        if self.attributing and n:
+            self.left -= 1
+            if self.left < 0:
+                raise _Interrupt
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_tables(tiny_run: Path, tmp_path: Path) -> None:
+    cache = tiny_run.parent / "cache"
+    whole = _copy_run(tiny_run, tmp_path / "a")
+    attribute_run(whole, FAST, cache_dir=cache)
+    run = _copy_run(tiny_run, tmp_path / "b")
+    with pytest.raises(_Interrupt):
+        attribute_run(run, FAST, cache_dir=cache, progress=_KillAfter(2))
+    assert not (run / "attributions.parquet").exists()
+    res = attribute_run(run, FAST, cache_dir=cache)
+    assert res.n_skipped > 0 and res.n_new > 0
+    a = pd.read_parquet(whole / "attributions.parquet")
+    b = pd.read_parquet(run / "attributions.parquet")
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5)
+
+
+def test_bad_scans_go_to_failures(tiny_run: Path, tiny_study: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    study = tmp_path / "study"
+    shutil.copytree(tiny_study, study, ignore=shutil.ignore_patterns("cache"))
+    cohort = pd.read_csv(study / "cohort.csv")
+    bad = study / cohort.loc[1, "mask"]
+    img = nib.load(str(bad))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), str(bad))  # another grid
+    run = _copy_run(tiny_run, tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    record["study"] = str(study)
+    (run / "run.json").write_text(json.dumps(record))
+    attribute_run(run, FAST, cache_dir=tmp_path / "cache")
+    failures = pd.read_csv(run / "failures.csv")
+    row = failures[failures["stage"] == "attribute"]
+    assert len(row) == 1 and "does not match the image grid" in row.iloc[0]["reason"]
+
+    (study / "labels.json").unlink()
+    with pytest.raises(RunError, match=r"no scan .* could be explained"):
+        attribute_run(run, FAST, cache_dir=tmp_path / "cache")
+    failures = pd.read_csv(run / "failures.csv")
+    assert failures["reason"].str.contains("no label table").sum() == len(cohort) - 1
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (AttributeConfig(methods=("lime",)), "--method must be one of gradcam, integrated_gradients"),
+        (AttributeConfig(baseline="zero"), "--baseline must be one of mean, erase, blur; 'zero'"),
+        (AttributeConfig(samples=0), "--samples must be at least 1"),
+        (AttributeConfig(save_maps=-1), "--save-maps must be 0 or more"),
+    ],
+)
+def test_bad_options_say_what_is_wrong(cfg: AttributeConfig, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        check_config(cfg)
+
+
+def test_bad_runs_say_what_is_missing(tiny_run: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["attribute", str(tmp_path / "nope")])
+    assert res.exit_code == 1 and "run folder not found" in res.output
+    run = _copy_run(tiny_run, tmp_path)
+    (run / "predictions.parquet").unlink()
+    res = runner.invoke(app, ["attribute", str(run)])
+    assert res.exit_code == 1 and "predictions.parquet: not found" in res.output
+    run2 = _copy_run(tiny_run, tmp_path / "x")
+    res = runner.invoke(app, ["attribute", str(run2), "--layer", "block9", "--cache", str(tiny_run.parent / "cache")])
+    assert res.exit_code == 1 and "unknown layer 'block9'" in res.output
+
+
+def test_group_table_sums_members() -> None:
+    df = pd.DataFrame(
+        {
+            "subject_id": "a",
+            "visit": 0,
+            "method": "gradcam",
+            "region": ["kidney_left", "kidney_right", "liver"],
+            "fold": 0,
+            "n_voxels": [2.0, np.nan, 4.0],
+            "volume_ml": [1.0, np.nan, 2.0],
+            "mass": [1.0, np.nan, -3.0],
+            "abs_mass": [1.0, np.nan, 3.0],
+            "share": 0.0,
+            "density": 0.0,
+            "enrichment": 0.0,
+        }
+    )
+    g = group_table(df).set_index("region")
+    assert g.loc["kidney", "mass"] == 1.0 and g.loc["kidney", "n_voxels"] == 2.0
+    assert g.loc["liver", "share"] == pytest.approx(0.75)
+
+
+# ----------------------------------------------------------------------------- faithfulness
+
+
+@pytest.mark.slow
+def test_ablation_and_gradcam_rank_the_only_ageing_region_first(tmp_path: Path) -> None:
+    from bodyage.simulate import simulate_study
+
+    scenario = tiny_scenario(
+        subjects=48,
+        seed=3,
+        biological_age_sd=0.0,
+        region_age_sd=0.5,
+        repeat_visits={"fraction": 0.0, "interval_years": 2.5},
+        ageing=[{"region": "liver", "effect": "fat_fraction", "per_year": 0.012}],
+        phenotypes={},
+    )
+    study = tmp_path / "study"
+    simulate_study(study, scenario=scenario, workers=1, figures=False)
+    cfg = TrainConfig(
+        folds=2, epochs=25, grid=(16, 12, 32), model_kwargs={"widths": [8, 8, 16]}, batch_size=8, patience=25
+    )
+    run = tmp_path / "run"
+    train_run(study, run, cfg, cache_dir=tmp_path / "cache", figures=False)
+    res = attribute_run(run, FAST, cache_dir=tmp_path / "cache")
+    for method in ("ablation", "gradcam"):
+        assert res.recovery["methods"][method]["top_regions"][0] == "liver", res.recovery["methods"][method]
