@@ -86,6 +86,9 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "region_heatmap": "Partial correlations of region importance with each phenotype; stars mark "
     "Benjamini-Hochberg q-values.",
     "comparison_effects": "Cohort comparison: Hedges' g with 95% CI, age gap and region importance.",
+    "attribution_regions": "Mean region importance over scans with 95% CI, regions sorted and coloured by kind.",
+    "attribution_slices": "Mean attribution mass per axial slice along the body (95% band), young vs old "
+    "tertiles, with the regions' z-extents.",
 }
 #: order of the stats tables in the report (others follow, sorted)
 TABLE_ORDER: tuple[str, ...] = (
@@ -159,7 +162,7 @@ class ReportResult:
             for method, m in rec["methods"].items():
                 lines.append(
                     f"{method}: precision@{m['k']} {m['precision_at_k']:.2f}, spearman {_f(m['spearman'])} "
-                    f"({_measure_name(m['importance_measure'])})"
+                    f"({_measure_name(m['importance_measure'], method)})"
                 )
             goals = rec.get("goals", {})
             met = sum(1 for g in goals.values() if g["met"])
@@ -637,8 +640,11 @@ def _q(v: Any) -> str:
     return f"{x:.1e}" if x < 1e-3 else f"{x:.3f}"
 
 
-def _measure_name(measure: str) -> str:
-    return "mean |mass|, years" if measure == ABS_MASS else f"mean {measure}"
+def _measure_name(measure: str, method: str = "ablation") -> str:
+    """Words for an importance measure (|mass| is in years for region-level methods only)."""
+    if measure != ABS_MASS:
+        return f"mean {measure}"
+    return "mean |mass|, years" if method in REGION_LEVEL_METHODS else "mean |mass|"
 
 
 def _read_json(path: Path) -> Any:
@@ -653,7 +659,9 @@ def _sanity_lines(value: Any, prefix: str = "", depth: int = 0) -> list[str]:
     lines: list[str] = []
     if isinstance(value, Mapping):
         for k, v in value.items():
-            if isinstance(v, Mapping) and depth < 2:
+            if isinstance(v, Mapping) and v and all(_is_scalar(x) for x in v.values()) and len(v) <= 12:
+                lines.append(f"- {prefix}{k}: " + ", ".join(f"{kk} {_scalar(x)}" for kk, x in v.items()))
+            elif isinstance(v, Mapping) and depth < 2:
                 lines += _sanity_lines(v, f"{prefix}{k} / ", depth + 1)
             elif isinstance(v, (list, tuple)):
                 shown = ", ".join(_scalar(x) for x in v[:8]) + (" ..." if len(v) > 8 else "")
@@ -663,6 +671,10 @@ def _sanity_lines(value: Any, prefix: str = "", depth: int = 0) -> list[str]:
     else:
         lines.append(f"- {prefix.rstrip(' /')}: {_scalar(value)}")
     return lines
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
 
 
 def _scalar(v: Any) -> str:
@@ -735,7 +747,7 @@ def _summary(
             imp = region_importance(tables.attributions, method, measure)
             kind = "region-level" if method in REGION_LEVEL_METHODS else "voxel-level"
             lines.append(
-                f"**{method}** ({kind}; importance = {_measure_name(measure)} over scans, 95% CI), "
+                f"**{method}** ({kind}; importance = {_measure_name(measure, method)} over scans, 95% CI), "
                 f"top {min(TOP_IN_SUMMARY, len(imp))} of {len(imp)} regions:"
             )
             lines.append("")
@@ -839,4 +851,6 @@ def _goal_text(value: Any) -> str:
     if isinstance(value, Mapping):
         where = value.get("methods_with_significant_regions") or []
         return f"q {_q(value.get('q'))}" + (f"; regions in {', '.join(where)}" if where else "")
+    if isinstance(value, (int, float)) and abs(value) < 1e-3:
+        return _q(value)
     return _f(value, 3)
