@@ -82,6 +82,7 @@ class TrainConfig:
     weight_decay: float = 1e-3
     val_fraction: float = 0.15
     patience: int = 12
+    select: str = "last"
     augment: bool = True
     max_shift_voxels: int = 2
     max_scale: float = 0.05
@@ -148,6 +149,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise InputError(f"--batch-size must be at least 2 (batch normalisation), got {cfg.batch_size}")
     if not cfg.lr > 0:
         raise InputError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.select not in ("last", "best"):
+        raise InputError(f"select must be last or best, got {cfg.select!r}")
     if not cfg.channels:
         raise InputError("at least one image channel is needed")
     try:
@@ -467,8 +470,15 @@ def _train_fold(
             log.info("fold %d: early stop at epoch %d (best %d)", k, epoch, best["epoch"])
             break
     bar.close()
-    if best["state_dict"] is None:
-        best["state_dict"] = model.state_dict()
+    stopped_early = bool(history) and len(history) < cfg.epochs
+    if (cfg.select == "last" and not stopped_early) or best["state_dict"] is None:
+        # the one-cycle schedule anneals to ~0: the last epoch is the model the schedule
+        # was built for; picking the best of 40 noisy inner-validation scores selects noise
+        best = {
+            "val_mae": float(history[-1]["val_mae"]) if history else float("nan"),
+            "epoch": len(history) - 1,
+            "state_dict": {kk: v.detach().clone() for kk, v in model.state_dict().items()},
+        }
     return best, history
 
 
