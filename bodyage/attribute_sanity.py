@@ -7,7 +7,9 @@ randomised in cascade from the top (the head first, then ``blockN`` … ``block1
 reports, per method and cascade step, the Spearman correlation between the original and
 the randomised region profile of each scan (median over the sample). A method *fails*
 when the profile of the fully randomised model still correlates at
-:data:`FAIL_SPEARMAN` or more.
+:data:`FAIL_SPEARMAN` or more. The profile is the method's importance per region
+(``|mass|``), which grows with the region's size under any weights; the same correlation
+per voxel (``|mass| / n_voxels``, ``spearman_per_voxel``) takes size out.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def _profiles(
     n_labels: int,
     age_sd: float,
     means: torch.Tensor | None,
-) -> npt.NDArray[np.float64]:
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per scan and region: the importance (|mass|) and the same per voxel (|mass| / n_voxels)."""
     from bodyage.attribute import explain_batch
 
     res = explain_batch(model, x, lab, [method], cfg=cfg, layer=layer, n_labels=n_labels, age_sd=age_sd, means=means)
@@ -78,8 +81,11 @@ def _profiles(
     prof = np.abs(vals["mass"])
     if METHODS[method].importance_measure == "share":
         prof = vals["abs_mass"]
+    prof = np.asarray(prof, dtype=float)
     prof[vals["count"] <= 0] = np.nan
-    return np.asarray(prof, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_voxel = prof / vals["count"]
+    return prof, per_voxel
 
 
 def _spearman_rows(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -133,6 +139,7 @@ def sanity_check(
     sample = [ids[i] for i in pick]
     fold_of = dict(zip(inputs.predictions["scan_id"], inputs.predictions["fold"], strict=True))
     per_method: dict[str, dict[str, list[float]]] = {m: {} for m in cfg.methods}
+    per_voxel: dict[str, dict[str, list[float]]] = {m: {} for m in cfg.methods}
     steps: list[str] = []
     for k in sorted({int(fold_of[s]) for s in sample}):
         sids = [s for s in sample if int(fold_of[s]) == k]
@@ -150,8 +157,9 @@ def sanity_check(
             rand.eval()
             steps.append(name)
             for m in cfg.methods:
-                prof = _profiles(rand, x, lab, m, cfg, layer, n_labels, age_sd, means)
-                per_method[m].setdefault(name, []).extend(_spearman_rows(original[m], prof).tolist())
+                prof, pv = _profiles(rand, x, lab, m, cfg, layer, n_labels, age_sd, means)
+                per_method[m].setdefault(name, []).extend(_spearman_rows(original[m][0], prof).tolist())
+                per_voxel[m].setdefault(name, []).extend(_spearman_rows(original[m][1], pv).tolist())
     _, names, _ = label_lookup(dict(inputs.labels.names) if inputs.labels else {})
     out: dict[str, Any] = {
         "n_scans": len(sample),
@@ -167,7 +175,12 @@ def sanity_check(
         }
         final = med[steps[-1]] if steps else float("nan")
         passed = bool(final < FAIL_SPEARMAN)
-        entry: dict[str, Any] = {"spearman": med, "final": final, "passed": passed}
+        entry: dict[str, Any] = {
+            "spearman": med,
+            "final": final,
+            "passed": passed,
+            "spearman_per_voxel": {s: _median(v) for s, v in per_voxel[m].items()},
+        }
         if not passed:
             entry["warning"] = (
                 f"{m}: region profile still correlates {final:.2f} with the original after every layer is "

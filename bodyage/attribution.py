@@ -173,7 +173,10 @@ def region_sums(
     lab = labels.reshape(b, -1).to(device=maps.device, dtype=torch.int64)
     if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= n_labels):
         raise InputError(f"label ids must lie in [0, {n_labels}); found {int(lab.min())}..{int(lab.max())}")
-    idx = (lab + torch.arange(b, device=maps.device, dtype=torch.int64)[:, None] * n_labels).reshape(-1)
+    if b == 1:
+        idx = lab.reshape(-1)
+    else:
+        idx = (lab + torch.arange(b, device=maps.device, dtype=torch.int64)[:, None] * n_labels).reshape(-1)
     vals = maps.reshape(-1).to(torch.float64)
     size = b * n_labels
     total = torch.zeros(size, dtype=torch.float64, device=maps.device).index_add_(0, idx, vals)

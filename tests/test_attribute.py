@@ -22,11 +22,10 @@ from bodyage.errors import InputError, RunError
 from bodyage.models import build_model, get_layer
 from bodyage.train import TrainConfig, train_run
 from cli.app import app
-from tests.conftest import tiny_scenario
 
 runner = CliRunner()
 TINY = TrainConfig(folds=2, epochs=2, grid=(16, 12, 32), model_kwargs={"widths": [4, 8, 8]}, batch_size=4)
-FAST = AttributeConfig(methods=("gradcam", "ablation"), figures=False, batch_size=4)
+FAST = AttributeConfig(methods=("gradcam",), figures=False, batch_size=4)  # resume and failures: any method
 
 
 @pytest.fixture(scope="module")
@@ -316,26 +315,59 @@ def test_group_table_sums_members() -> None:
 # ----------------------------------------------------------------------------- faithfulness
 
 
-@pytest.mark.slow
-def test_ablation_and_gradcam_rank_the_only_ageing_region_first(tmp_path: Path) -> None:
-    from bodyage.simulate import simulate_study
+def test_ablation_and_gradcam_rank_the_only_ageing_region_first() -> None:
+    """A model trained on scans where only region 2's fat signal carries age: both methods find region 2.
 
-    scenario = tiny_scenario(
-        subjects=48,
-        seed=3,
-        biological_age_sd=0.0,
-        region_age_sd=0.5,
-        repeat_visits={"fraction": 0.0, "interval_years": 2.5},
-        ageing=[{"region": "liver", "effect": "fat_fraction", "per_year": 0.012}],
-        phenotypes={},
-    )
-    study = tmp_path / "study"
-    simulate_study(study, scenario=scenario, workers=1, figures=False)
-    cfg = TrainConfig(
-        folds=2, epochs=25, grid=(16, 12, 32), model_kwargs={"widths": [8, 8, 16]}, batch_size=8, patience=25
-    )
-    run = tmp_path / "run"
-    train_run(study, run, cfg, cache_dir=tmp_path / "cache", figures=False)
-    res = attribute_run(run, FAST, cache_dir=tmp_path / "cache")
+    Four regions of equal size (so size cannot decide the ranking); the others carry
+    age-independent levels of the same strength. Trained with Adam on 96 scans of 8×8×16
+    voxels (seconds), tested out of sample. GradCAM is taken at the model's last block;
+    at block1 of this toy model it ranks region 3, region 2's neighbour, first (see the
+    README on the layer choice).
+    """
+    gen = np.random.default_rng(7)
+    n, shape = 128, (8, 8, 16)
+    lab = np.zeros(shape, dtype=np.int64)
+    lab[1:7, 1:7, 1:4], lab[1:7, 1:7, 4:8], lab[1:7, 1:7, 8:12], lab[1:7, 1:7, 12:15] = 1, 2, 3, 4
+    lab[1:7, 1:7, 14] = 0
+    age = gen.uniform(45, 82, n)
+    x = 0.2 + 0.05 * gen.standard_normal((n, 2, *shape))
+    for k in (1, 2, 3, 4):
+        sel = lab == k
+        level = 0.5 + 0.2 * gen.standard_normal((n, 2))  # per scan and channel, unrelated to age
+        if k == 2:
+            level[:, 1] = 0.2 + 0.01 * (age - 45)  # fat of region 2 rises with age
+        x[:, :, sel] += level[:, :, None]
+    xt = torch.from_numpy(x).float()
+    y = torch.from_numpy((age - age.mean()) / age.std()).float()
+    torch.manual_seed(0)
+    model = build_model("sfcn", 2, widths=[4, 8], dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train = slice(0, 96)
+    for _ in range(150):
+        model.train()
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(xt[train]), y[train])
+        loss.backward()
+        opt.step()
+    model.eval()
+    test = slice(96, n)
+    with torch.no_grad():
+        r = np.corrcoef(model(xt[test]).numpy(), y[test].numpy())[0, 1]
+    assert r > 0.8, f"the model did not learn (r = {r:.2f})"
+    labels = torch.from_numpy(np.broadcast_to(lab, (32, *shape)).copy())
+    means = torch.stack([xt[train][:, :, torch.from_numpy(lab == k)].mean(dim=(0, 2)) for k in range(5)])
     for method in ("ablation", "gradcam"):
-        assert res.recovery["methods"][method]["top_regions"][0] == "liver", res.recovery["methods"][method]
+        res = attribute_batch(
+            method,
+            model,
+            xt[test],
+            labels,
+            n_labels=5,
+            age_sd=float(age.std()),
+            layer=get_layer(model, "block2"),  # the last block: GradCAM's classic layer
+            cohort_means=means,
+        )
+        maps = res.maps
+        mass = region_sums(maps, labels, 5)[0].numpy() if maps is not None else np.asarray(res.region_values)
+        importance = np.abs(mass[:, 1:]).mean(axis=0)
+        assert int(np.argmax(importance)) + 1 == 2, (method, importance)
