@@ -352,13 +352,26 @@ def gradcam_maps(model: nn.Module, x: torch.Tensor, layer: nn.Module) -> torch.T
     GradCAM = Σ_c mean_xyz(∂y/∂A_c) · A_c on the layer output A (captum's
     ``LayerGradCam`` with ``relu_attributions=False``), then trilinear upsampling. The
     ReLU of the original GradCAM is left out: for a regressor, negative evidence (a region
-    that makes the scan look younger) is as much an explanation as positive.
+    that makes the scan look younger) is as much an explanation as positive. Weight
+    gradients are switched off for the call (and restored), and the input is made
+    channels-last on CPU: only the gradient w.r.t. the layer is needed.
     """
+    import torch
     from captum.attr import LayerAttribution, LayerGradCam
 
-    cam = LayerGradCam(model, layer).attribute(x, target=None, relu_attributions=False)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:  # gradients w.r.t. the layer only: no weight gradients
+            p.requires_grad_(False)
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        cam = LayerGradCam(model, layer).attribute(x, target=None, relu_attributions=False)
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
     up = LayerAttribution.interpolate(cam, tuple(x.shape[2:]), "trilinear")
-    return up[:, 0].detach()
+    return up[:, 0].detach().contiguous()
 
 
 def attribute_batch(
