@@ -169,6 +169,7 @@ def test_ablation_is_the_change_in_predicted_years(rng: np.random.Generator) -> 
 # ----------------------------------------------------------------------------- the step
 
 
+@pytest.mark.slow
 def test_attribute_writes_the_tables_stats_reads(tiny_run: Path, tiny_study: Path, tmp_path: Path) -> None:
     from analysis.run import load_run
 
@@ -315,6 +316,7 @@ def test_group_table_sums_members() -> None:
 # ----------------------------------------------------------------------------- faithfulness
 
 
+@pytest.mark.slow
 def test_ablation_and_gradcam_rank_the_only_ageing_region_first() -> None:
     """A model trained on scans where only region 2's fat signal carries age: both methods find region 2.
 
