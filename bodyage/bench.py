@@ -156,12 +156,17 @@ def _sync(device: torch.device) -> None:
 def interleaved(
     fns: Mapping[str, Callable[[], object]], rounds: int, device: torch.device | None = None
 ) -> dict[str, float]:
-    """Median seconds per call of each function, one call of each per round (after one warm-up call each)."""
+    """Median seconds per call of each function, one call of each per round (after one warm-up call each).
+
+    The order alternates between rounds, so none of them always runs on a cache (or a
+    machine) the one before it left warm.
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()
-    for _ in range(max(1, rounds)):
-        for k, fn in fns.items():
+    order = list(fns.items())
+    for r in range(max(1, rounds)):
+        for k, fn in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
             if device is not None:
                 _sync(device)
             t0 = time.perf_counter()
@@ -283,8 +288,8 @@ def bench_region_aggregation(sizes: BenchSizes, device: torch.device) -> dict[st
             "speedup",
             (">=", 50.0),
             f"the naive loop over a uint8 label map is itself vectorised ({n} passes of "
-            f"{t['naive'] / n * 1e3:.1f} ms); 50× would need ours in {t['naive'] / 50 * 1e3:.1f} ms, while one "
-            f"float32 scatter_add_ of the sums alone takes {t['scatter_f32'] * 1e3:.1f} ms and region_sums makes "
+            f"{t['naive'] / n * 1e3:.3g} ms); 50× would need ours in {t['naive'] / 50 * 1e3:.3g} ms, while one "
+            f"float32 scatter_add_ of the sums alone takes {t['scatter_f32'] * 1e3:.3g} ms and region_sums makes "
             "three float64 outputs (a float64 copy, two index_add_ passes, a bincount, a label range check)",
             **common,
         ),
@@ -309,7 +314,7 @@ def bench_region_aggregation(sizes: BenchSizes, device: torch.device) -> dict[st
             "cost",
             ("<=", 4.0),
             f"a scattered add does not stream like a reduction: one float32 scatter_add_ of the sums alone "
-            f"costs {t['scatter_f32'] / t['sum']:.1f}× the plain sum here, and region_sums makes about five "
+            f"costs {t['scatter_f32'] / t['sum']:.3g}× the plain sum here, and region_sums makes about five "
             "passes in float64 over an int64 label map (12 bytes read per voxel against the sum's 4)",
             **common,
         ),
@@ -566,6 +571,7 @@ def bench_loader(
         scaler.update()
 
     t_step = interleaved({"loader": lambda: step(mapped), "memory": lambda: step(memory)}, sizes.train_steps, device)
+    t_fetch = interleaved({"loader": lambda: mapped.get(idx), "memory": lambda: memory.get(idx)}, sizes.train_steps)
     train = _comparison(
         "train_step_loader_vs_memory",
         "loader",
@@ -575,8 +581,12 @@ def bench_loader(
         t_step["memory"],
         "cost",
         ("<=", 1.1),
-        "reading and converting the batch from the cache is not hidden behind the step",
+        f"fetching the batch from the cache takes {t_fetch['loader'] * 1e3:.3g} ms against "
+        f"{t_fetch['memory'] * 1e3:.3g} ms from memory, in a step of {t_step['memory'] * 1e3:.3g} ms; "
+        "what is left is the spread between rounds on a busy machine",
         batch=b,
+        fetch_loader_s=t_fetch["loader"],
+        fetch_memory_s=t_fetch["memory"],
         model_grid=list(grid),
         steps=sizes.train_steps,
         device=str(device),

@@ -16,7 +16,7 @@ def _stats_scaling(quick: bool) -> dict[str, Any]:
     """The stats stage, handed to the library (``bodyage`` may not import ``analysis``)."""
     from analysis.bench_scaling import DEFAULT_SIZES, bench_region_scaling
 
-    return bench_region_scaling((200, 400, 800) if quick else DEFAULT_SIZES)
+    return bench_region_scaling((200, 400, 800) if quick else DEFAULT_SIZES, repeats=1 if quick else 3)
 
 
 def _num(v: float | None, digits: int = 3) -> str:
