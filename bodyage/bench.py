@@ -23,6 +23,10 @@ Stages
     decoding the ``.nii.gz`` with nibabel; and a training step (as in ``bodyage train``:
     augmentation, AdamW, L1 loss) fed from the memory-mapped cache against the same step
     on tensors already in memory.
+``export_reader``
+    :func:`bodyage.bench_ukb.bench_export_reader`: a generated UK Biobank export (500,000
+    rows × 2,000 columns) read by ``cohort ukb``'s reader in a fresh process, time and
+    peak RSS, against ``pandas.read_csv`` of every column.
 ``stats``
     Passed in by the caller (the statistics live in ``analysis``, which this package may
     not import): a callable returning the scaling of the region models, see
@@ -79,16 +83,18 @@ class BenchSizes:
     repeats: int
     train_steps: int
     shapley_samples_timed: int
+    export_rows: int
+    export_columns: int
 
     @classmethod
     def full(cls) -> BenchSizes:
         """UK Biobank sizes."""
-        return cls(UKB_SHAPE, UKB_LABELS, UKB_SHAPE, 4, 8, 3, 8, 2)
+        return cls(UKB_SHAPE, UKB_LABELS, UKB_SHAPE, 4, 8, 3, 8, 2, 500_000, 2_000)
 
     @classmethod
     def quick(cls) -> BenchSizes:
-        """A reduced run (seconds): small grids, two scans, two rounds."""
-        return cls((48, 36, 80), 12, (40, 32, 64), 2, 2, 2, 2, 1)
+        """A reduced run (seconds): small grids, two scans, two rounds, a small export."""
+        return cls((48, 36, 80), 12, (40, 32, 64), 2, 2, 2, 2, 1, 2_000, 100)
 
 
 @dataclass(frozen=True)
@@ -707,7 +713,7 @@ def run_bench(
     sizes = BenchSizes.quick() if quick else BenchSizes.full()
     cfg = TrainConfig()
     model_grid = cfg.grid or auto_grid(sizes.image_shape)
-    task = progress.task("bench", 4 if stats is not None else 3)
+    task = progress.task("bench", 5 if stats is not None else 4)
     memory: dict[str, Any] = {}
     wall: dict[str, float] = {}
     stages: dict[str, Any] = {}
@@ -739,6 +745,22 @@ def run_bench(
     wall["loader"] = mem.wall_s
     comps += loader["comparisons"]
     stages["loader"] = {k: loader[k] for k in ("preprocess_s_per_scan", "train_step_s", "batch", "model_grid")}
+    task.advance()
+
+    # the UK Biobank export reader: its own fresh processes, so its peak RSS is its own
+    from bodyage.bench_ukb import bench_export_reader
+
+    t0 = time.perf_counter()
+    export = bench_export_reader(
+        sizes.export_rows,
+        sizes.export_columns,
+        subset=min(40_000, sizes.export_rows // 10),
+        naive_rows=min(20_000, sizes.export_rows // 10),
+        workdir=workdir,
+    )
+    wall["export_reader"] = time.perf_counter() - t0
+    memory["export_reader"] = {"rss_mb": round(export.peak_rss_mb, 1), "gpu_mb": None}
+    stages["export_reader"] = export.to_dict()
     task.advance()
 
     goals: list[dict[str, Any]] = [

@@ -80,6 +80,15 @@ def _table(report: dict[str, Any]) -> None:
             f"{s['target_subjects']} subjects ≈ {_num(s['target_seconds'])} s"
         )
 
+    if "export_reader" in st:
+        e = st["export_reader"]
+        console.print(
+            f"UK Biobank export reader, {e['rows']} rows × {e['columns']} columns ({_num(e['file_gb'])} GB): "
+            f"all rows {_num(e['read_s'])} s, peak RSS {_num(e['peak_rss_mb'], 4)} MiB; "
+            f"a subset {_num(e['subset_read_s'])} s, {_num(e['subset_peak_rss_mb'], 4)} MiB; "
+            f"pandas.read_csv of every column, first {e['naive_rows']} rows: {_num(e['naive_peak_rss_mb'], 4)} MiB"
+        )
+
     p = report["projection"]
     h = p["hours"]
     pt = Table(title=f"projection: hours for {p['scans']} scans on this machine", title_justify="left")

@@ -90,7 +90,8 @@ def test_quick_json_schema(quick_report: dict[str, Any]) -> None:
 @pytest.mark.slow
 def test_quick_stages_memory_projection(quick_report: dict[str, Any]) -> None:
     r = quick_report
-    assert set(r["peak_memory"]) == set(r["stage_seconds"]) == {"region_aggregation", "gradcam", "loader", "stats"}
+    stages = {"region_aggregation", "gradcam", "loader", "export_reader", "stats"}
+    assert set(r["peak_memory"]) == set(r["stage_seconds"]) == stages
     assert all(_positive(s) for s in r["stage_seconds"].values())
     for stage in r["peak_memory"].values():
         assert _positive(stage["rss_mb"])
@@ -102,6 +103,8 @@ def test_quick_stages_memory_projection(quick_report: dict[str, Any]) -> None:
     stats = r["stages"]["stats"]
     assert len(stats["subjects"]) == len(stats["seconds"]) >= 2
     assert math.isfinite(stats["exponent"]) and _positive(stats["target_seconds"])
+    export = r["stages"]["export_reader"]
+    assert export["rows"] == 2_000 and export["rows_out"] > 0 and _positive(export["read_s"])
     p = r["projection"]
     assert p["scans"] == 40_000
     hours = p["hours"]
