@@ -303,8 +303,8 @@ def bench_region_aggregation(sizes: BenchSizes, device: torch.device) -> dict[st
             "region_aggregation_vs_totalsegmentator",
             "region_aggregation",
             "region_sums",
-            "totalsegmentator.statistics.get_basic_statistics (volume and mean intensity per organ, "
-            f"its total_mr class map: {min(n, 50)} labels)",
+            "totalsegmentator.statistics.get_basic_statistics (volume and mean intensity per organ of the "
+            f"map cast to int16, its total_mr class map: {min(n, 50)} labels)",
             t["ours"],
             t["totalsegmentator"],
             "speedup",
