@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import tiny_scenario
 from typer.testing import CliRunner
 
 from cli.app import app
-from tests.conftest import tiny_scenario
 
 runner = CliRunner()
 
