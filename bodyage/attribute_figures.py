@@ -89,8 +89,29 @@ def region_figure(attributions: pd.DataFrame, method: str, measure: str, folder:
     return out
 
 
-def slice_figure(slices: pd.DataFrame, ages: pd.Series, extents: pd.DataFrame, method: str, folder: Path) -> list[Path]:
-    """Mean mass per axial slice (95% band), young vs old tertiles, and the regions' z-extents."""
+def region_importance(attributions: pd.DataFrame, method: str, measure: str) -> pd.Series:
+    """Mean importance per region of one method (``abs_mass``: mean ``|mass|``), largest first."""
+    sub = attributions[attributions["method"] == method]
+    vals = sub["mass"].abs() if measure == "abs_mass" else sub[measure]
+    return vals.groupby(sub["region"]).mean().dropna().sort_values(ascending=False)
+
+
+def slice_figure(
+    slices: pd.DataFrame,
+    ages: pd.Series,
+    extents: pd.DataFrame,
+    method: str,
+    folder: Path,
+    importance: pd.Series | None = None,
+    top: int = 12,
+) -> list[Path]:
+    """Mean mass per axial slice (95% band), young vs old tertiles, and regions' z-extents.
+
+    Only the ``top`` most important regions get an extent bar (the first ``top`` of
+    ``extents`` when ``importance`` is None): 53 labelled bars side by side cannot be read.
+    """
+    from bodyage.regions import region_kind
+
     plt = _plt()
     sub = slices[slices["method"] == method].copy()
     sub["key"] = sub["subject_id"].astype(str) + "_" + sub["visit"].astype(str)
@@ -112,12 +133,20 @@ def slice_figure(slices: pd.DataFrame, ages: pd.Series, extents: pd.DataFrame, m
     ax.set_xlabel("attribution mass per slice (years)")
     ax.legend(fontsize=7)
     ax.set_title(f"{method}: where along the body", fontsize=9)
-    ext = extents.sort_values("z_mid")
+    if importance is not None:
+        keep = [r for r in importance.index if r in extents.index][:top]
+        what = f"z-extent of the {len(keep)} most important regions"
+    else:
+        keep = list(extents.index)[:top]
+        what = "region z-extents"
+    ext = extents.loc[keep].sort_values("z_mid")
     for i, (region, row) in enumerate(ext.iterrows()):
-        ax2.plot([i, i], [row["z_min"], row["z_max"]], lw=2.5, color="#555555", solid_capstyle="butt")
-        ax2.text(i, row["z_min"], str(region).replace("_", " "), rotation=90, fontsize=5, va="bottom", ha="center")
+        colour = KIND_COLOURS.get(region_kind(str(region)), "#666666")
+        ax2.plot([i, i], [row["z_min"], row["z_max"]], lw=5, color=colour, solid_capstyle="butt")
+        ax2.text(i + 0.3, row["z_min"], str(region).replace("_", " "), rotation=90, fontsize=7, va="top", ha="left")
+    ax2.set_xlim(-0.7, max(len(ext), 1) + 0.3)
     ax2.set_xticks([])
-    ax2.set_xlabel("region extents (median over scans)")
+    ax2.set_xlabel(f"{what}\n(median over scans, coloured by kind)", fontsize=8)
     out = _save(fig, folder, f"attribution_slices_{method}")
     plt.close(fig)
     return out
@@ -164,7 +193,8 @@ def cohort_figures(
         scan_ids = list(dict.fromkeys(slices["subject_id"].astype(str) + "_" + slices["visit"].astype(str)))
         extents = region_extents(inputs, scan_ids)
         for method in pd.unique(slices["method"]):
-            out += slice_figure(slices, ages, extents, str(method), folder)
+            imp = region_importance(attributions, str(method), measures.get(method, "abs_mass"))
+            out += slice_figure(slices, ages, extents, str(method), folder, importance=imp)
     return out
 
 
