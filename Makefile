@@ -28,8 +28,8 @@ demo: $(VENV)/.installed
 	$(BIN)/bodyage demo $(DEMO_DIR)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check bodyage analysis cli tests
-	$(BIN)/ruff format --check bodyage analysis cli tests
+	$(BIN)/ruff check bodyage analysis cli tests reports
+	$(BIN)/ruff format --check bodyage analysis cli tests reports
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
