@@ -41,8 +41,9 @@ batch of scans and returns values in **years** (the output scaled by the fold's 
     included) sum to f(x) − f(every region at its baseline): checked and recorded.
 
 Region aggregation (:func:`region_sums`, :func:`region_measures`) is one pass over the
-voxels with ``index_add_`` on the flattened ``scan × label`` index, on the device where
-the map already is; no Python loop over labels.
+voxels, never a Python loop over labels: a compiled kernel on the CPU
+(:mod:`bodyage.kernels`), ``index_add_`` on the flattened ``scan × label`` index on a GPU,
+where the map already is.
 """
 
 from __future__ import annotations
@@ -143,8 +144,9 @@ def region_sums(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-scan, per-label sum, absolute sum and voxel count of attribution maps.
 
-    One pass over the voxels (``index_add_`` on the flattened ``scan × label`` index) on
-    the device of ``maps``, in float64.
+    On the CPU one compiled pass over the voxels (:mod:`bodyage.kernels`, numba), reading
+    the map and the labels in their own dtypes; on a GPU ``index_add_`` on the flattened
+    ``scan × label`` index, on the device of ``maps``. Accumulation in float64.
 
     Parameters
     ----------
@@ -169,6 +171,29 @@ def region_sums(
 
     if maps.shape != labels.shape:
         raise InputError(f"attribution map shape {tuple(maps.shape)} differs from label map {tuple(labels.shape)}")
+    b = maps.shape[0]
+    if maps.device.type == "cpu" and labels.device.type == "cpu" and not labels.dtype.is_floating_point:
+        from bodyage.kernels import region_sums_cpu
+
+        vals = maps.detach().reshape(b, -1)
+        if vals.dtype not in (torch.float32, torch.float64):
+            vals = vals.float()
+        lab_np = np.ascontiguousarray(labels.reshape(b, -1).numpy())
+        if lab_np.size:
+            lo, hi = int(lab_np.min()), int(lab_np.max())
+            if lo < 0 or hi >= n_labels:
+                raise InputError(f"label ids must lie in [0, {n_labels}); found {lo}..{hi}")
+        out = torch.from_numpy(region_sums_cpu(np.ascontiguousarray(vals.numpy()), lab_np, n_labels))
+        return out[0], out[1], out[2]
+    return _region_sums_torch(maps, labels, n_labels)
+
+
+def _region_sums_torch(
+    maps: torch.Tensor, labels: torch.Tensor, n_labels: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`region_sums` with ``index_add_`` on the device of ``maps`` (the GPU path)."""
+    import torch
+
     b = maps.shape[0]
     lab = labels.reshape(b, -1).to(device=maps.device, dtype=torch.int64)
     if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= n_labels):

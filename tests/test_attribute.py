@@ -64,9 +64,34 @@ def test_region_sums_equal_a_naive_loop(rng: np.random.Generator) -> None:
     np.testing.assert_allclose(uniform["enrichment"][np.isfinite(uniform["enrichment"])], 1.0)
 
 
+@pytest.mark.parametrize("map_dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int64])
+def test_cpu_kernel_equals_the_torch_path_and_a_naive_loop(map_dtype, label_dtype, rng) -> None:
+    from bodyage.attribution import _region_sums_torch
+
+    maps = torch.from_numpy(rng.standard_normal((2, 13, 7, 11))).to(map_dtype)  # 1001 voxels: a ragged tail
+    labels = torch.from_numpy(rng.integers(0, 54, size=maps.shape)).to(label_dtype)
+    ours = region_sums(maps, labels, 54)
+    ref = _region_sums_torch(maps.double(), labels, 54)
+    for got, want in zip(ours, ref, strict=True):
+        assert got.dtype == torch.float64 and got.shape == (2, 54)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-9, atol=1e-9)
+    m64, l64 = maps.double().numpy(), labels.numpy()
+    naive = [m64[1][l64[1] == k].sum() for k in range(54)]
+    np.testing.assert_allclose(ours[0][1].numpy(), naive, rtol=1e-9, atol=1e-9)
+
+
 def test_region_sums_refuse_labels_out_of_range() -> None:
-    with pytest.raises(InputError, match=r"label ids must lie in \[0, 3\)"):
+    with pytest.raises(InputError, match=r"label ids must lie in \[0, 3\); found 5\.\.5"):
         region_sums(torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2, 2), 5), 3)
+    negative = torch.zeros(2, 3, 3, 3, dtype=torch.int16)
+    negative[1, 2, 2, 2] = -1
+    with pytest.raises(InputError, match=r"label ids must lie in \[0, 3\); found -1\.\.0"):
+        region_sums(torch.zeros(2, 3, 3, 3), negative, 3)
+    from bodyage.attribution import _region_sums_torch
+
+    with pytest.raises(InputError, match=r"label ids must lie in \[0, 3\)"):
+        _region_sums_torch(torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2, 2), 5), 3)
 
 
 # ----------------------------------------------------------------------------- GradCAM by hand
