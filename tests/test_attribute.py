@@ -6,7 +6,10 @@ Models are tiny (a 16×12×32 grid, 4–8 channels) so each test takes seconds.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +266,25 @@ def test_an_interrupted_run_resumes_to_the_same_tables(tiny_run: Path, tmp_path:
     a = pd.read_parquet(whole / "attributions.parquet")
     b = pd.read_parquet(run / "attributions.parquet")
     pd.testing.assert_frame_equal(a, b, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_split_the_scans_and_match_one_process(tiny_run: Path, tmp_path: Path) -> None:
+    cache = tiny_run.parent / "cache"
+    one = _copy_run(tiny_run, tmp_path / "one")
+    attribute_run(one, FAST, cache_dir=cache)
+    two = _copy_run(tiny_run, tmp_path / "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "cli.app", "--quiet", "attribute", str(two), "--method", "gradcam", "--batch-size", "4"]
+    cmd += ["--no-figures", "--cache", str(cache), "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((two / "attribute.json").read_text())["world_size"] == 2
+    a = pd.read_parquet(one / "attributions.parquet")
+    b = pd.read_parquet(two / "attributions.parquet")
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5)  # every scan once, the same values
+    assert res.stdout.count("scans x gradcam") == 1  # only rank 0 reports
 
 
 def test_bad_scans_go_to_failures(tiny_run: Path, tiny_study: Path, tmp_path: Path) -> None:
