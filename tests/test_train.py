@@ -351,3 +351,17 @@ def test_cuda_requested_without_cuda(tiny_study: Path, tmp_path: Path) -> None:
 def test_parse_grid() -> None:
     assert parse_grid(None) is None and parse_grid("auto") is None
     assert parse_grid("32x24x64") == (32, 24, 64)
+
+
+def test_early_stopping_watches_only_the_second_half_of_the_schedule(tiny_study: Path, tmp_path: Path) -> None:
+    # patience 1: any epoch that does not improve would stop the fold; before half-way none may
+    cfg = TrainConfig(
+        folds=2, epochs=6, grid=(16, 12, 32), model_kwargs={"widths": [4, 8, 8]}, batch_size=4, patience=1
+    )
+    train_run(tiny_study, tmp_path / "run", cfg, cache_dir=tmp_path / "cache", figures=False)
+    log = pd.read_csv(tmp_path / "run" / "training_log.csv")
+    for _, fold in log.groupby("fold"):
+        assert len(fold) >= 5  # epochs 0-2 are never watched; the earliest stop is epoch 4
+        watched = fold[fold["epoch"] >= 3]["val_mae"].to_numpy()
+        if len(fold) < 6:  # it stopped: the last watched epoch did not improve on the watched best
+            assert watched[-1] >= watched[:-1].min()
