@@ -88,7 +88,7 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "comparison_effects": "Cohort comparison: Hedges' g with 95% CI, age gap and region importance.",
     "attribution_regions": "Mean region importance over scans with 95% CI, regions sorted and coloured by kind.",
     "attribution_slices": "Mean attribution mass per axial slice along the body (95% band), young vs old "
-    "tertiles, with the regions' z-extents.",
+    "tertiles, with the z-extents of the 12 most important regions.",
 }
 #: order of the stats tables in the report (others follow, sorted)
 TABLE_ORDER: tuple[str, ...] = (
