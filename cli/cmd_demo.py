@@ -69,7 +69,8 @@ def demo(
 
         t0 = time.perf_counter()
         methods = tuple(method) if method else AttributeConfig().methods
-        attributed = attribute_run(run, AttributeConfig(methods=methods), progress=progress)
+        # two scans' maps (NIfTI + PNG with the organ contours): what a body-level explanation looks like
+        attributed = attribute_run(run, AttributeConfig(methods=methods, save_maps=2), progress=progress)
         done("attribute", t0)
 
         t0 = time.perf_counter()
@@ -82,12 +83,20 @@ def demo(
         stages.close()
 
     total = (time.perf_counter() - started) / 60.0
-    for line in _summary(sim_line, trained, attributed, stats, report, minutes, total):
+    maps = run / "attribute" / "maps"
+    for line in _summary(sim_line, trained, attributed, stats, report, minutes, total, maps):
         typer.echo(line)
 
 
 def _summary(
-    sim_line: str, trained: Any, attributed: Any, stats: Any, report: Any, minutes: dict[str, float], total: float
+    sim_line: str,
+    trained: Any,
+    attributed: Any,
+    stats: Any,
+    report: Any,
+    minutes: dict[str, float],
+    total: float,
+    maps: Path,
 ) -> list[str]:
     m = trained.metrics
     rec: dict[str, Any] = report.recovery or {}
@@ -117,6 +126,8 @@ def _summary(
             f"  goals met: {len(met)}/{len(met) + len(missed)}" + (f" (missed: {', '.join(missed)})" if missed else "")
         )
     lines.append(f"  report: {report.report_tex}" + (f" and {report.pdf}" if report.pdf else ""))
+    if maps.is_dir():
+        lines.append(f"  maps of two scans (NIfTI for ITK-SNAP/3D Slicer, PNG): {maps}")
     lines.append(
         "  on real data, `bodyage segment` (TotalSegmentator) makes the organ masks the simulation provides here; "
         "see the README's walk-through"

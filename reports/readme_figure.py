@@ -1,7 +1,6 @@
 """Compose the README's demo figure from the outputs of one ``bodyage demo`` run.
 
-    bodyage demo DEMO_DIR
-    bodyage attribute DEMO_DIR/run --method gradcam --save-maps 1   # reuses the results, adds the maps
+    bodyage demo DEMO_DIR          # saves two scans' maps in DEMO_DIR/run/attribute/maps
     python reports/readme_figure.py DEMO_DIR reports/demo_overview.png
 
 The left panel is the PNG that ``--save-maps`` wrote (a scan's GradCAM map with the region
@@ -44,7 +43,8 @@ def main(demo: Path, out: Path) -> None:
     run = demo / "run"
     maps = sorted((run / "attribute" / "maps").glob("*.png"))
     if not maps:
-        raise SystemExit(f"error: no saved map in {run / 'attribute' / 'maps'}; run attribute with --save-maps 1")
+        where = run / "attribute" / "maps"
+        raise SystemExit(f"error: no saved map in {where}; run `bodyage attribute RUN --save-maps 1`")
     image = plt.imread(maps[0])
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), gridspec_kw={"width_ratios": [1.25, 1.0]})
     axes[0].imshow(image)

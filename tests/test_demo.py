@@ -56,6 +56,9 @@ def test_shrunken_demo_end_to_end(tmp_path: Path) -> None:
         assert "\\begin{tabular" in (run / "stats" / f"{stem}.tex").read_text(), stem
     figures = list((run / "figures").glob("*.png"))
     assert len(figures) >= 5 and all(f.stat().st_size > 1000 for f in figures)
+    maps = run / "attribute" / "maps"
+    assert len(list(maps.glob("*_gradcam.nii.gz"))) == 2 and len(list(maps.glob("*.png"))) == 2
+    assert f"maps of two scans (NIfTI for ITK-SNAP/3D Slicer, PNG): {maps}" in res.output
     tex = (report / "report.tex").read_text()
     assert "\\begin{document}" in tex and "\\end{document}" in tex
     assert (report / "summary.md").read_text().strip()
