@@ -64,14 +64,19 @@ def _plt() -> Any:
     return plt
 
 
+def _importance_values(attributions: pd.DataFrame, method: str, measure: str) -> Any:
+    """Per-scan importance of one method's regions, grouped by region (``abs_mass``: ``|mass|``)."""
+    sub = attributions[attributions["method"] == method]
+    vals = sub["mass"].abs() if measure == "abs_mass" else sub[measure]
+    return vals.groupby(sub["region"])
+
+
 def region_figure(attributions: pd.DataFrame, method: str, measure: str, folder: Path) -> list[Path]:
     """Mean region importance with 95% CI, sorted, coloured by region kind."""
     from bodyage.regions import region_kind
 
     plt = _plt()
-    sub = attributions[attributions["method"] == method]
-    vals = sub["mass"].abs() if measure == "abs_mass" else sub[measure]
-    g = vals.groupby(sub["region"])
+    g = _importance_values(attributions, method, measure)
     stats = pd.DataFrame({"mean": g.mean(), "se": g.std(ddof=1) / np.sqrt(g.count())}).dropna(subset=["mean"])
     stats = stats.sort_values("mean")
     fig, ax = plt.subplots(figsize=(6.0, max(3.0, 0.16 * len(stats) + 1.0)))
@@ -91,9 +96,7 @@ def region_figure(attributions: pd.DataFrame, method: str, measure: str, folder:
 
 def region_importance(attributions: pd.DataFrame, method: str, measure: str) -> pd.Series:
     """Mean importance per region of one method (``abs_mass``: mean ``|mass|``), largest first."""
-    sub = attributions[attributions["method"] == method]
-    vals = sub["mass"].abs() if measure == "abs_mass" else sub[measure]
-    return vals.groupby(sub["region"]).mean().dropna().sort_values(ascending=False)
+    return _importance_values(attributions, method, measure).mean().dropna().sort_values(ascending=False)
 
 
 def slice_figure(

@@ -4,8 +4,8 @@ Each scan's channels are loaded with nibabel, reoriented to RAS+, resampled to t
 grid by area averaging (each model voxel is the volume-weighted mean of the image voxels
 it covers: block means for integer factors, fractional overlaps otherwise) and normalised
 per channel by a robust scale: the 99th percentile of the scan's body voxels (voxels above
-5% of the channel's 99.9th percentile). Dividing by a percentile of the scan itself removes the multiplicative
-scanner (site) effect; using a high percentile of the body keeps outliers (a bright
+5% of the channel's 99.9th percentile). Dividing by a percentile of the scan itself removes
+the multiplicative scanner (site) effect; using a high percentile of the body keeps outliers (a bright
 bladder, noise) from setting the scale.
 
 The label map is resampled to the same grid by majority vote over each block (nearest
