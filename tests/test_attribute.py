@@ -84,6 +84,20 @@ def test_cpu_kernel_equals_the_torch_path_and_a_naive_loop(map_dtype, label_dtyp
     np.testing.assert_allclose(ours[0][1].numpy(), naive, rtol=1e-9, atol=1e-9)
 
 
+def test_cpu_kernel_splits_large_maps_over_threads_with_the_same_table(rng) -> None:
+    from bodyage.kernels import MIN_CHUNK, region_sums_cpu
+
+    n = 3 * MIN_CHUNK + 17  # three chunks per scan on three threads, the last one ragged
+    values = rng.standard_normal((2, n)).astype(np.float32)
+    labels = rng.integers(0, 40, size=(2, n)).astype(np.uint8)
+    one = region_sums_cpu(values, labels, 40, threads=1)
+    three = region_sums_cpu(values, labels, 40, threads=3)
+    np.testing.assert_allclose(three, one, rtol=1e-12, atol=1e-9)
+    v64 = values[1].astype(np.float64)
+    np.testing.assert_allclose(three[0, 1], [v64[labels[1] == k].sum() for k in range(40)], rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(three[2, 0], np.bincount(labels[0], minlength=40))
+
+
 def test_region_sums_refuse_labels_out_of_range() -> None:
     with pytest.raises(InputError, match=r"label ids must lie in \[0, 3\); found 5\.\.5"):
         region_sums(torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2, 2), 5), 3)
