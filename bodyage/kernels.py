@@ -16,6 +16,7 @@ second); the GPU path stays in torch.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -62,6 +63,15 @@ _SUMS: Any = None
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _LOCK = threading.Lock()
+
+
+def _forget_pool() -> None:
+    # a forked child inherits the pool object but not its threads
+    global _POOL, _POOL_SIZE
+    _POOL, _POOL_SIZE = None, 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
