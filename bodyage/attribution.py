@@ -145,7 +145,8 @@ def region_sums(
     """Per-scan, per-label sum, absolute sum and voxel count of attribution maps.
 
     On the CPU one compiled pass over the voxels (:mod:`bodyage.kernels`, numba), reading
-    the map and the labels in their own dtypes; on a GPU ``index_add_`` on the flattened
+    the map and the labels in their own dtypes, a large map cut into runs summed on
+    ``torch.get_num_threads()`` threads; on a GPU ``index_add_`` on the flattened
     ``scan × label`` index, on the device of ``maps``. Accumulation in float64.
 
     Parameters

@@ -287,7 +287,8 @@ def bench_region_aggregation(sizes: BenchSizes, device: torch.device) -> dict[st
         _comparison(
             "region_aggregation_vs_naive",
             "region_aggregation",
-            "region_sums (sum, |sum|, count per label; one compiled pass on the CPU, index_add_ on a GPU)",
+            "region_sums (sum, |sum|, count per label; one compiled pass on the CPU split over torch's "
+            "threads, index_add_ on a GPU)",
             "[a[m == k].sum() for k in labels] (NumPy, sums only)",
             t["ours"],
             t["naive"],

@@ -2,8 +2,9 @@
 
 :func:`bench_aggregation`
     Region aggregation of one UK-Biobank-sized map (224×174×370 voxels, 53 labels):
-    :func:`bodyage.attribution.region_sums` (one compiled pass on the CPU: sums, absolute
-    sums and counts) against the naive loop ``[a[m == k].sum() for k in labels]`` (sums only).
+    :func:`bodyage.attribution.region_sums` (one compiled pass on the CPU, split over
+    torch's threads: sums, absolute sums and counts) against the naive loop
+    ``[a[m == k].sum() for k in labels]`` (sums only).
 :func:`bench_gradcam`
     GradCAM throughput (scans/s) of :func:`bodyage.attribution.gradcam_maps` (captum's
     ``LayerGradCam``, which stops the backward pass at the layer, plus a trilinear
