@@ -509,7 +509,7 @@ def bench_loader(
     from bodyage.models import build_model
     from bodyage.preprocess import PreprocessSettings, build_cache
     from bodyage.study import load_study
-    from bodyage.train import ScanTensors, TrainConfig, augment_batch, auto_grid
+    from bodyage.train import ScanTensors, TrainConfig, augment_batch, auto_grid, autocast_dtype
 
     study_dir = workdir / "study"
     _write_study(study_dir, sizes)
@@ -557,20 +557,17 @@ def bench_loader(
     mapped = ScanTensors(cache, batch_ids, preload=False)
     torch.manual_seed(0)
     model = build_model(cfg.model, len(cfg.channels), **cfg.model_kwargs).to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last_3d)
     model.train()
+    amp = autocast_dtype(cfg.precision, device)  # the precision train runs in
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     gen = torch.Generator().manual_seed(0)
     y = torch.zeros(b, device=device)
     idx = np.arange(b)
 
     def step(data: ScanTensors) -> None:
         x = augment_batch(data.get(idx), cfg, gen).to(device, non_blocking=True)
-        if device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+        with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
             loss = nn.functional.l1_loss(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -602,6 +599,7 @@ def bench_loader(
         "comparisons": [read, train],
         "preprocess_s_per_scan": preprocess_s,
         "train_step_s": t_step["loader"],
+        "train_dtype": str(amp or torch.float32).removeprefix("torch."),
         "batch": b,
         "model_grid": list(grid),
     }
@@ -745,7 +743,9 @@ def run_bench(
     memory["loader"] = mem.to_dict()
     wall["loader"] = mem.wall_s
     comps += loader["comparisons"]
-    stages["loader"] = {k: loader[k] for k in ("preprocess_s_per_scan", "train_step_s", "batch", "model_grid")}
+    stages["loader"] = {
+        k: loader[k] for k in ("preprocess_s_per_scan", "train_step_s", "train_dtype", "batch", "model_grid")
+    }
     task.advance()
 
     # the UK Biobank export reader: its own fresh processes, so its peak RSS is its own

@@ -57,6 +57,8 @@ FAILURES = "failures.csv"
 RUN_FILE = "run.json"
 #: preload cached tensors into memory when they take less than this (bytes)
 PRELOAD_LIMIT = 4 << 30
+#: --precision choices (see :func:`autocast_dtype`)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: target number of voxels of the automatic model grid
 AUTO_GRID_VOXELS = 1 << 16
 
@@ -88,6 +90,7 @@ class TrainConfig:
     max_scale: float = 0.05
     intensity_jitter: float = 0.05
     exclude_qc: tuple[str, ...] = ()
+    precision: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -149,6 +152,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise InputError(f"--batch-size must be at least 2 (batch normalisation), got {cfg.batch_size}")
     if not cfg.lr > 0:
         raise InputError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.select not in ("last", "best"):
         raise InputError(f"select must be last or best, got {cfg.select!r}")
     if not cfg.channels:
@@ -265,27 +270,52 @@ class ScanTensors:
         )
 
 
+def _interpolation_matrices(n: int, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Linear-interpolation weights ``(B, n, n)`` of ``x_in = scale·x_out + shift`` along one axis.
+
+    Coordinates are normalised as in ``F.affine_grid``/``F.grid_sample`` with
+    ``align_corners=False``; samples outside the axis read zeros (``padding_mode="zeros"``).
+    """
+    import torch
+
+    i = torch.arange(n, dtype=torch.float32)
+    x_out = (2 * i + 1) / n - 1
+    src = ((scale[:, None] * x_out[None] + shift[:, None] + 1) * n - 1) / 2  # source voxel index
+    lo = torch.floor(src)
+    w_hi = src - lo
+    # columns 0 and n + 1 collect what falls outside the axis and are cut off
+    first = (lo.long() + 1).clamp(0, n + 1)
+    second = (lo.long() + 2).clamp(0, n + 1)
+    m = torch.zeros(scale.shape[0], n, n + 2)
+    m.scatter_add_(2, first[..., None], (1 - w_hi)[..., None])
+    m.scatter_add_(2, second[..., None], w_hi[..., None])
+    return m[:, :, 1 : n + 1]
+
+
 def augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
     """Anatomy-respecting augmentation: small shifts and scaling, intensity jitter.
 
-    No flips: left and right organs are distinct regions.
+    No flips: left and right organs are distinct regions. The transform is a scaling about
+    the grid centre plus a shift of whole voxels, the same trilinear resampling as
+    ``F.grid_sample(F.affine_grid(...))`` (tested against it), done as one small matrix
+    product per axis because an axis-aligned transform is separable: about 6× faster on
+    the CPU than ``grid_sample``, which gathers eight neighbours per voxel.
     """
     import torch
-    import torch.nn.functional as F
 
-    b = x.shape[0]
-    dev = x.device
-    theta = torch.zeros(b, 3, 4, device=dev)
+    b, c, nx, ny, nz = x.shape
     scale = 1.0 + (torch.rand(b, generator=gen) * 2 - 1) * cfg.max_scale
-    for i in range(3):
-        theta[:, i, i] = scale.to(dev)
-    # affine_grid works in normalised coordinates (-1..1) ordered (z, y, x) = last dims first
-    sizes = torch.tensor(list(x.shape[2:][::-1]), dtype=torch.float32)
+    sizes = torch.tensor([nz, ny, nx], dtype=torch.float32)
     shift = torch.randint(-cfg.max_shift_voxels, cfg.max_shift_voxels + 1, (b, 3), generator=gen).float()
-    theta[:, :, 3] = (2.0 * shift / sizes).to(dev)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    jitter = 1.0 + (torch.rand(b, x.shape[1], 1, 1, 1, generator=gen) * 2 - 1) * cfg.intensity_jitter
+    offset = 2.0 * shift / sizes  # normalised, in affine_grid's (z, y, x) = last-dimension-first order
+    dev = x.device
+    mz = _interpolation_matrices(nz, scale, offset[:, 0]).to(dev)
+    my = _interpolation_matrices(ny, scale, offset[:, 1]).to(dev)
+    mx = _interpolation_matrices(nx, scale, offset[:, 2]).to(dev)
+    out = torch.bmm(x.reshape(b, c * nx * ny, nz), mz.transpose(1, 2))
+    out = torch.matmul(my[:, None], out.reshape(b, c * nx, ny, nz))
+    out = torch.matmul(mx[:, None], out.reshape(b, c, nx, ny * nz)).reshape(x.shape)
+    jitter = 1.0 + (torch.rand(b, c, 1, 1, 1, generator=gen) * 2 - 1) * cfg.intensity_jitter
     return out * jitter.to(dev)
 
 
@@ -302,10 +332,39 @@ def _batches(n: int, batch_size: int, perm: npt.NDArray[np.int64], info: WorldIn
         yield rest
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The reduced precision the convolutions run in, or ``None`` for float32.
+
+    ``auto``: float16 on CUDA (with loss scaling), bfloat16 on a CPU whose oneDNN has
+    bfloat16 kernels (AVX-512 BF16 or AMX; about 1.7× faster training steps on this
+    project's machine), float32 elsewhere. ``bf16``/``fp16`` ask for one explicitly,
+    ``fp32`` turns mixed precision off. The models keep their heads (global pooling and
+    the linear output) in float32 either way (:mod:`bodyage.models`).
+    """
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def predict(
-    model: nn.Module, data: ScanTensors, idx: npt.NDArray[np.int64], device: torch.device, batch: int = 16
+    model: nn.Module,
+    data: ScanTensors,
+    idx: npt.NDArray[np.int64],
+    device: torch.device,
+    batch: int = 16,
+    amp: torch.dtype | None = None,
 ) -> npt.NDArray[np.float64]:
-    """Standardised predictions of ``model`` (eval mode) for scans ``idx``."""
+    """Standardised predictions of ``model`` (eval mode) for scans ``idx`` (float32 unless ``amp``)."""
     import torch
 
     model.eval()
@@ -313,9 +372,7 @@ def predict(
     with torch.inference_mode():
         for i in range(0, len(idx), batch):
             x = data.get(idx[i : i + batch]).to(device)
-            if device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+            with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
                 out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -342,8 +399,7 @@ def _train_fold(
 
     _seed_everything(cfg.seed * 1000 + k)
     model = build_model(cfg.model, len(cfg.channels), **cfg.model_kwargs).to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last_3d)
+    amp = autocast_dtype(cfg.precision, device)
     net: nn.Module = model
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -358,7 +414,7 @@ def _train_fold(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.2
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     mean, sd = float(hp["age_mean"]), float(hp["age_sd"])
     y_std = torch.tensor((ages - mean) / sd, dtype=torch.float32)
 
@@ -405,10 +461,8 @@ def _train_fold(
             if cfg.augment:
                 x = augment_batch(x, cfg, gen)
             x = x.to(device, non_blocking=True)
-            if device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last_3d)
             y = y_std[torch.as_tensor(idx)].to(device)
-            with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+            with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
                 loss = nn.functional.l1_loss(net(x).float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -424,7 +478,7 @@ def _train_fold(
             t = torch.tensor([total, float(count)], device=device)
             dist.all_reduce(t)
             train_loss = float(t[0] / t[1].clamp(min=1))
-        val_pred = predict(model, data, val_idx, device) * sd + mean
+        val_pred = predict(model, data, val_idx, device, amp=amp) * sd + mean
         val_mae = float(np.mean(np.abs(val_pred - ages[val_idx]))) if len(val_idx) else float("nan")
         if info.distributed:
             import torch.distributed as dist
@@ -660,7 +714,9 @@ def train_run(
             val_pred = predict(model, data, val_idx, dev) * age_sd + age_mean
             bias = BiasCorrection.fit(ages[val_idx], val_pred)
             test_pred = predict(model, data, test_idx, dev) * age_sd + age_mean
+            amp = autocast_dtype(cfg.precision, dev)
             hp.update(
+                training_dtype=str(amp or torch.float32).removeprefix("torch."),
                 best_epoch=int(best["epoch"]),
                 best_val_mae=float(best["val_mae"]),
                 bias={"slope": bias.slope, "intercept": bias.intercept, "n": bias.n},

@@ -39,6 +39,13 @@ def train(
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the one-cycle schedule.")] = 3e-3,
     seed: Annotated[int, typer.Option("--seed", help="Seed for folds, initialisation and augmentation.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="Convolutions in auto (fp16 on CUDA, bf16 on CPUs with bf16 kernels, else fp32), fp32, bf16 or fp16.",
+        ),
+    ] = "auto",
     exclude_qc: Annotated[
         Optional[str],
         typer.Option("--exclude-qc", help="Leave out scans with these qc.csv flags, e.g. fat_water_swap,nan."),
@@ -80,6 +87,7 @@ def train(
         batch_size=batch_size,
         lr=lr,
         exclude_qc=flags,
+        precision=precision,
     )
     with progress_display() as progress:
         result = train_run(study, run, cfg, device=device, cache_dir=cache, strict=strict, progress=progress)

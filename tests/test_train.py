@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +316,7 @@ def test_a_corrupt_scan_is_listed_not_dropped(tiny_study: Path, tmp_path: Path) 
         (["--model-options", "{widths"], "--model-options is not valid JSON"),
         (["--model-options", '{"depth": 3}'], "--model-options do not fit model 'sfcn'"),
         (["--device", "tpu"], "--device must be auto, cpu or cuda, got 'tpu'"),
+        (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
         (["--exclude-qc", "blurry"], "blurry"),
     ],
 )
@@ -365,3 +367,61 @@ def test_early_stopping_watches_only_the_second_half_of_the_schedule(tiny_study:
         watched = fold[fold["epoch"] >= 3]["val_mae"].to_numpy()
         if len(fold) < 6:  # it stopped: the last watched epoch did not improve on the watched best
             assert watched[-1] >= watched[:-1].min()
+
+
+@pytest.mark.parametrize("model", ["sfcn", "resnet3d"])
+def test_reduced_precision_keeps_the_head_in_float32(model: str) -> None:
+    import torch
+
+    from bodyage.models import build_model
+    from bodyage.train import autocast_dtype
+
+    torch.manual_seed(0)
+    net = build_model(model, 2, widths=[4, 8, 8]).eval()
+    x = torch.rand(3, 2, 16, 12, 32)
+    seen: dict[str, torch.dtype] = {}
+    net.head[-1].register_forward_hook(lambda m, i, o: seen.update(linear_in=i[0].dtype))
+    with torch.no_grad():
+        full = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced = net(x)
+    # the convolutions ran in bfloat16, global pooling and the linear output in float32
+    assert reduced.dtype == torch.float32 and seen["linear_in"] == torch.float32
+    assert 0 < (reduced - full).abs().max() < 0.02 * full.abs().max() + 1e-3
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cuda")) == torch.float16
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    assert autocast_dtype("auto", cpu) == expected
+
+
+def test_checkpoints_record_the_training_precision(tiny_run: Path) -> None:
+    from bodyage.train import load_fold_model
+
+    _, hp = load_fold_model(tiny_run / "models" / "fold0.pt")
+    assert hp["training_dtype"] in ("bfloat16", "float32")
+
+
+def test_augmentation_equals_grid_sample_of_the_same_transform() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from bodyage.train import augment_batch
+
+    cfg = replace(TrainConfig(), max_scale=0.1, max_shift_voxels=3, intensity_jitter=0.0)
+    x = torch.rand(5, 2, 9, 7, 12)
+    out = augment_batch(x, cfg, torch.Generator().manual_seed(3))
+    # the same draws, resampled the general way
+    gen = torch.Generator().manual_seed(3)
+    scale = 1.0 + (torch.rand(5, generator=gen) * 2 - 1) * cfg.max_scale
+    shift = torch.randint(-3, 4, (5, 3), generator=gen).float()
+    theta = torch.zeros(5, 3, 4)
+    for i in range(3):
+        theta[:, i, i] = scale
+    theta[:, :, 3] = 2.0 * shift / torch.tensor([12.0, 7.0, 9.0])
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    assert (scale - 1).abs().max() > 0.05 and shift.abs().max() == 3  # the draws do move things
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, x)
