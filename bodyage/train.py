@@ -112,6 +112,7 @@ class TrainResult:
     folds_trained: int
     folds_skipped: int
     minutes: float
+    training_dtype: str = "float32"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -669,6 +670,7 @@ def train_run(
 
     ages = cohort["age"].to_numpy(dtype=float)
     data = ScanTensors(cache, list(cohort["scan_id"]))
+    training_dtype = str(autocast_dtype(cfg.precision, dev) or torch.float32).removeprefix("torch.")
     models_dir = run / "models"
     all_history: list[dict[str, Any]] = []
     trained = skipped = 0
@@ -714,9 +716,8 @@ def train_run(
             val_pred = predict(model, data, val_idx, dev) * age_sd + age_mean
             bias = BiasCorrection.fit(ages[val_idx], val_pred)
             test_pred = predict(model, data, test_idx, dev) * age_sd + age_mean
-            amp = autocast_dtype(cfg.precision, dev)
             hp.update(
-                training_dtype=str(amp or torch.float32).removeprefix("torch."),
+                training_dtype=training_dtype,
                 best_epoch=int(best["epoch"]),
                 best_val_mae=float(best["val_mae"]),
                 bias={"slope": bias.slope, "intercept": bias.intercept, "n": bias.n},
@@ -763,7 +764,13 @@ def train_run(
         minutes = (time.perf_counter() - started) / 60.0
         write_record(
             run / RUN_FILE,
-            finish_run_record(record, minutes=round(minutes, 2), n_scans=len(preds), n_failed=len(failures)),
+            finish_run_record(
+                record,
+                minutes=round(minutes, 2),
+                n_scans=len(preds),
+                n_failed=len(failures),
+                training_dtype=training_dtype,
+            ),
         )
     _barrier(info)
     _finish_distributed(info)
@@ -775,6 +782,7 @@ def train_run(
         folds_trained=trained,
         folds_skipped=skipped,
         minutes=(time.perf_counter() - started) / 60.0,
+        training_dtype=training_dtype,
     )
 
 

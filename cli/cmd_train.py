@@ -101,6 +101,6 @@ def train(
     typer.echo(line)
     extra = f"{result.folds_skipped} fold(s) reused from an earlier run; " if result.folds_skipped else ""
     typer.echo(
-        f"{extra}{result.n_failed} scan(s) in failures.csv; {result.minutes:.1f} min; "
+        f"{extra}{result.n_failed} scan(s) in failures.csv; {result.minutes:.1f} min in {result.training_dtype}; "
         f"predictions, metrics and figures in {result.run}"
     )

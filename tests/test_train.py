@@ -276,6 +276,9 @@ def test_cli_train_summary(tiny_study: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["train", str(tiny_study), "--run", str(tmp_path / "run"), *TINY_ARGS, "--quiet"])
     assert res.exit_code == 0, res.output
     assert "30 scans, 3 folds: out-of-fold MAE" in res.output and "oracle MAE" in res.output
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["training_dtype"] in ("bfloat16", "float32")
+    assert f"min in {record['training_dtype']};" in res.output
 
 
 def _corrupt_copy(study: Path, tmp_path: Path) -> tuple[Path, str]:
