@@ -509,7 +509,7 @@ def bench_loader(
     from bodyage.models import build_model
     from bodyage.preprocess import PreprocessSettings, build_cache
     from bodyage.study import load_study
-    from bodyage.train import ScanTensors, TrainConfig, augment_batch, auto_grid, autocast_dtype
+    from bodyage.train import ScanTensors, TrainConfig, augment_batch, auto_grid, autocast_dtype, dtype_name
 
     study_dir = workdir / "study"
     _write_study(study_dir, sizes)
@@ -599,7 +599,7 @@ def bench_loader(
         "comparisons": [read, train],
         "preprocess_s_per_scan": preprocess_s,
         "train_step_s": t_step["loader"],
-        "train_dtype": str(amp or torch.float32).removeprefix("torch."),
+        "train_dtype": dtype_name(amp),
         "batch": b,
         "model_grid": list(grid),
     }

@@ -357,6 +357,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def dtype_name(amp: torch.dtype | None) -> str:
+    """``bfloat16``, ``float16`` or ``float32`` (no autocast): how runs record their precision."""
+    return str(amp).removeprefix("torch.") if amp is not None else "float32"
+
+
 def predict(
     model: nn.Module,
     data: ScanTensors,
@@ -670,7 +675,7 @@ def train_run(
 
     ages = cohort["age"].to_numpy(dtype=float)
     data = ScanTensors(cache, list(cohort["scan_id"]))
-    training_dtype = str(autocast_dtype(cfg.precision, dev) or torch.float32).removeprefix("torch.")
+    training_dtype = dtype_name(autocast_dtype(cfg.precision, dev))
     models_dir = run / "models"
     all_history: list[dict[str, Any]] = []
     trained = skipped = 0
