@@ -640,6 +640,18 @@ def _q(v: Any) -> str:
     return f"{x:.1e}" if x < 1e-3 else f"{x:.3f}"
 
 
+def _ablation_baseline(run_root: Path | None) -> str | None:
+    """The ``--baseline`` of the run's region-level attributions, from ``attribute.json`` (None if unknown)."""
+    path = None if run_root is None else Path(run_root) / "attribute.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("arguments", {}).get("baseline")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
 def _measure_name(measure: str, method: str = "ablation") -> str:
     """Words for an importance measure (|mass| is in years for region-level methods only)."""
     if measure != ABS_MASS:
@@ -742,10 +754,13 @@ def _summary(
     else:
         declared = dict(declared_measures(run_root))
         declared.update(measures or {})
+        baseline = _ablation_baseline(run_root)
         for method in tables.methods:
             measure = importance_measure(method, declared)
             imp = region_importance(tables.attributions, method, measure)
-            kind = "region-level" if method in REGION_LEVEL_METHODS else "voxel-level"
+            kind = "voxel-level"
+            if method in REGION_LEVEL_METHODS:
+                kind = f"region-level, {baseline} baseline" if baseline else "region-level"
             lines.append(
                 f"**{method}** ({kind}; importance = {_measure_name(measure, method)} over scans, 95% CI), "
                 f"top {min(TOP_IN_SUMMARY, len(imp))} of {len(imp)} regions:"

@@ -85,7 +85,7 @@ RECORD = "attribute.json"
 SANITY = "sanity.json"
 FAILURES = "failures.csv"
 STATE_DIR = "attribute"
-#: scans whose intensities make the cohort-mean baseline (a seeded sample on big cohorts)
+#: scans whose region means make the cohort means of the shift and mean baselines (a seeded sample on big cohorts)
 BASELINE_SCANS = 500
 ATTRIBUTION_COLUMNS: tuple[str, ...] = (
     "subject_id",
@@ -116,7 +116,7 @@ class AttributeConfig:
     layer
         GradCAM stage (``block1`` …); ``None``: the one stored with the checkpoint.
     baseline
-        Baseline of ``ablation`` and ``shapley``: ``mean``, ``erase`` or ``blur``.
+        Baseline of ``ablation`` and ``shapley``: ``shift``, ``mean``, ``erase`` or ``blur``.
     samples
         Shapley permutations.
     ig_steps
@@ -135,7 +135,7 @@ class AttributeConfig:
 
     methods: tuple[str, ...] = ("gradcam", "ablation")
     layer: str | None = None
-    baseline: str = "mean"
+    baseline: str = "shift"
     samples: int = 25
     ig_steps: int = IG_STEPS
     batch_size: int = 8
@@ -386,7 +386,7 @@ def cohort_means(inputs: RunInputs, scan_ids: Sequence[str], n_labels: int, seed
         part = region_means(x, lab, n_labels)
         acc = part if acc is None else acc + part
     if acc is None:
-        raise RunError("no scan to compute the cohort-mean baseline from")
+        raise RunError("no scan to compute the cohort means of the ablation baseline from")
     counts = acc[:, -1:].clamp(min=1)
     return (acc[:, :-1] / counts).float()
 
@@ -588,7 +588,7 @@ def attribute_run(
         part_dir(run, m, fps[m]).mkdir(parents=True, exist_ok=True)
 
     means = None
-    if any(METHODS[m].level == "region" for m in cfg.methods) and cfg.baseline == "mean" and len(todo):
+    if any(METHODS[m].level == "region" for m in cfg.methods) and cfg.baseline in ("shift", "mean") and len(todo):
         means = cohort_means(inputs, list(todo["scan_id"]), n_labels, cfg.seed).to(dev)
 
     mine = todo.iloc[shard(list(range(len(todo))), world)].reset_index(drop=True)
@@ -692,7 +692,7 @@ def attribute_run(
         from bodyage.attribute_figures import cohort_figures, save_maps
 
         if cfg.figures:
-            cohort_figures(run, attributions, slices, inputs, recovery)
+            cohort_figures(run, attributions, slices, inputs, recovery, baseline=cfg.baseline)
         if cfg.save_maps:
             save_maps(
                 run, inputs, todo.head(cfg.save_maps), cfg, layer=layer, n_labels=n_labels, device=dev, means=means

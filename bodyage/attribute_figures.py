@@ -71,8 +71,10 @@ def _importance_values(attributions: pd.DataFrame, method: str, measure: str) ->
     return vals.groupby(sub["region"])
 
 
-def region_figure(attributions: pd.DataFrame, method: str, measure: str, folder: Path) -> list[Path]:
-    """Mean region importance with 95% CI, sorted, coloured by region kind."""
+def region_figure(
+    attributions: pd.DataFrame, method: str, measure: str, folder: Path, *, baseline: str | None = None
+) -> list[Path]:
+    """Mean region importance with 95% CI, sorted, coloured by region kind (region methods name their baseline)."""
     from bodyage.regions import region_kind
 
     plt = _plt()
@@ -85,7 +87,8 @@ def region_figure(attributions: pd.DataFrame, method: str, measure: str, folder:
     ax.set_yticks(np.arange(len(stats)), [str(r).replace("_", " ") for r in stats.index], fontsize=6.5)
     label = "mean |mass| (years)" if METHODS[method].level == "region" else f"mean {measure.replace('_', ' ')}"
     ax.set_xlabel(label)
-    ax.set_title(f"{method}: region importance (95% CI)", fontsize=9)
+    what = f"{method} ({baseline} baseline)" if baseline and METHODS[method].level == "region" else method
+    ax.set_title(f"{what}: region importance (95% CI)", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
     ax.legend(handles, list(KIND_COLOURS), fontsize=6, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
@@ -182,14 +185,19 @@ def region_extents(inputs: RunInputs, scan_ids: list[str], max_scans: int = 50) 
 
 
 def cohort_figures(
-    run: Path, attributions: pd.DataFrame, slices: pd.DataFrame, inputs: RunInputs, recovery: dict[str, Any]
+    run: Path,
+    attributions: pd.DataFrame,
+    slices: pd.DataFrame,
+    inputs: RunInputs,
+    recovery: dict[str, Any],
+    baseline: str | None = None,
 ) -> list[Path]:
-    """Write the cohort figures of every method to ``RUN/figures``."""
+    """Write the cohort figures of every method to ``RUN/figures`` (``baseline``: that of the region methods)."""
     folder = run / "figures"
     out: list[Path] = []
     measures = recovery.get("importance_measure", {})
     for method in pd.unique(attributions["method"]):
-        out += region_figure(attributions, str(method), measures.get(method, "abs_mass"), folder)
+        out += region_figure(attributions, str(method), measures.get(method, "abs_mass"), folder, baseline=baseline)
     if len(slices):
         preds = inputs.predictions
         ages = pd.Series(preds["age"].to_numpy(float), index=preds["scan_id"].to_numpy())

@@ -18,13 +18,24 @@ batch of scans and returns values in **years** (the output scaled by the fold's 
     value of a region is f(x) − f(x with the region replaced by a baseline), in years ("the
     liver adds 1.8 years to this prediction"). Baselines (:data:`BASELINES`):
 
-    ``mean`` (default)
+    ``shift`` (default)
+        The region's intensities are moved, per channel, by the cohort-mean intensity of
+        that region minus the scan's own region mean: the region keeps its internal
+        structure (partial-volume edges, texture) and takes the cohort's mean signal.
+        Removes what the region's *mean signal* says about this scan (its fat fraction or
+        water signal against the cohort's) and nothing else, so the image stays as close
+        to a real scan as an intensity ablation can. Chosen as the default on evidence
+        (README "attribute"): on the default synthetic study it ranked the planted
+        regions better than ``mean`` in every training draw we ran and, unlike ``mean``,
+        passes the weight-randomisation check. It cannot remove what a region's **size
+        or shape** says: the mask stays, so the model still sees where the boundary is
+        (a volume effect shows up only through the partial-volume voxels at the edge).
+    ``mean``
         Every voxel of the region takes the cohort-mean intensity of that region, per
-        channel. Removes what the region's *intensities* say (fat fraction, water signal)
-        while keeping the body plausible. It cannot remove information carried by the
-        region's **size or shape**: the mask stays, so the model still sees where the
-        region's boundary is (a volume effect shows up only through the intensities of
-        the neighbours the region displaced).
+        channel: the region's mean signal *and* its internal structure go. A big
+        heterogeneous region (skeletal muscle, subcutaneous fat) flattened to one value
+        moves the prediction whatever its ageing, which inflates its ``|mass|``. Like
+        ``shift``, it cannot remove information carried by the region's size or shape.
     ``erase``
         The region is filled with the mean intensity of the tissue around it (a one-voxel
         shell outside the region), per channel: the region disappears, which also removes
@@ -64,10 +75,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 MethodLevel = Literal["voxel", "region"]
-AblationBaseline = Literal["mean", "erase", "blur"]
+AblationBaseline = Literal["shift", "mean", "erase", "blur"]
 
 #: baselines of the region-level methods (``--baseline``)
-BASELINES: tuple[AblationBaseline, ...] = ("mean", "erase", "blur")
+BASELINES: tuple[AblationBaseline, ...] = ("shift", "mean", "erase", "blur")
 #: σ of the ``blur`` baseline, in voxels of the model grid
 BLUR_SIGMA_VOXELS = 2.0
 #: integration steps of integrated gradients
@@ -290,24 +301,26 @@ def baseline_images(
     Parameters
     ----------
     kind
-        ``mean``, ``erase`` or ``blur``.
+        ``shift``, ``mean``, ``erase`` or ``blur``.
     images
         ``(B, C, X, Y, Z)`` model input.
     labels
         ``(B, X, Y, Z)`` label map.
     cohort_means
-        ``(n_labels, C)`` mean intensity per label and channel (``mean`` only).
+        ``(n_labels, C)`` mean intensity per label and channel (``shift`` and ``mean``).
 
     Raises
     ------
     InputError
-        For an unknown baseline or ``mean`` without cohort means.
+        For an unknown baseline, or ``shift``/``mean`` without cohort means.
     """
     import torch
 
-    if kind == "mean":
+    if kind in ("shift", "mean"):
         if cohort_means is None:
-            raise InputError("the 'mean' baseline needs the cohort means per region")
+            raise InputError(f"the {kind!r} baseline needs the cohort means per region")
+        if kind == "shift":
+            return _shift_baseline(images, labels, cohort_means)
         lab = labels.to(torch.int64).clamp(max=cohort_means.shape[0] - 1)
         return cohort_means.to(images.dtype)[lab].permute(0, 4, 1, 2, 3).contiguous()
     if kind == "blur":
@@ -319,6 +332,23 @@ def baseline_images(
     if kind == "erase":
         return _erase_baseline(images, labels)
     raise InputError(f"--baseline must be one of {', '.join(BASELINES)}; {kind!r} was provided")
+
+
+def _shift_baseline(images: torch.Tensor, labels: torch.Tensor, cohort_means: torch.Tensor) -> torch.Tensor:
+    """Each region moved by (cohort mean − the scan's own region mean), per channel; texture kept."""
+    import torch
+
+    b, c = images.shape[:2]
+    n = cohort_means.shape[0]
+    lab = labels.to(torch.int64).clamp(max=n - 1).reshape(b, -1)
+    flat = (lab + n * torch.arange(b, device=lab.device)[:, None]).reshape(-1)  # scan × label
+    voxels = images.movedim(1, -1).reshape(-1, c).to(torch.float64)
+    sums = torch.zeros(b * n, c, dtype=torch.float64, device=images.device).index_add_(0, flat, voxels)
+    counts = torch.bincount(flat, minlength=b * n).to(torch.float64)[:, None]
+    own = sums / counts.clamp(min=1)
+    delta = cohort_means.to(torch.float64).repeat(b, 1) - own  # (b·n, C)
+    shift = delta.to(images.dtype)[flat].reshape(b, *images.shape[2:], c).movedim(-1, 1)
+    return images + shift
 
 
 def _erase_baseline(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -409,7 +439,7 @@ def attribute_batch(
     n_labels: int,
     age_sd: float,
     layer: nn.Module | None = None,
-    baseline: str = "mean",
+    baseline: str = "shift",
     cohort_means: torch.Tensor | None = None,
     samples: int = 25,
     ig_steps: int = IG_STEPS,
@@ -436,7 +466,7 @@ def attribute_batch(
     baseline
         ``mean``, ``erase`` or ``blur`` (region methods).
     cohort_means
-        ``(n_labels, C)`` cohort mean intensity per region (``mean`` baseline).
+        ``(n_labels, C)`` cohort mean intensity per region (``shift`` and ``mean`` baselines).
     samples
         Permutations of Shapley value sampling.
     ig_steps

@@ -363,6 +363,7 @@ def bench_gradcam(sizes: BenchSizes, device: torch.device, grid: tuple[int, int,
     """
     import torch
 
+    from bodyage.attribute import AttributeConfig
     from bodyage.attribution import DEFAULT_METHODS, IG_STEPS, METHODS, attribute_batch, gradcam_maps, region_means
     from bodyage.models import get_layer, get_model_spec
     from bodyage.train import TrainConfig
@@ -429,6 +430,7 @@ def bench_gradcam(sizes: BenchSizes, device: torch.device, grid: tuple[int, int,
         ),
     ]
     # the other methods, once each (their cost is a multiple of forward passes)
+    baseline = AttributeConfig().baseline
     acc = region_means(x.cpu(), labels.cpu(), n_labels)
     cohort_means = (acc[:, :-1] / acc[:, -1:].clamp(min=1)).float().to(device)
     per_scan: dict[str, dict[str, Any]] = {}
@@ -443,7 +445,7 @@ def bench_gradcam(sizes: BenchSizes, device: torch.device, grid: tuple[int, int,
         elif method == "integrated_gradients":
             note = f"{IG_STEPS} steps"
         elif method == "ablation":
-            note = f"{sizes.labels} regions + background, cohort-mean baseline"
+            note = f"{sizes.labels} regions + background, {baseline!r} baseline"
         if method == "gradcam":
             secs = t["ours"]
         else:
@@ -457,7 +459,7 @@ def bench_gradcam(sizes: BenchSizes, device: torch.device, grid: tuple[int, int,
                 n_labels=n_labels,
                 age_sd=1.0,
                 layer=layer,
-                baseline="mean",
+                baseline=baseline,
                 cohort_means=cohort_means,
                 **kwargs,
             )

@@ -31,10 +31,11 @@ def attribute(
         str,
         typer.Option(
             "--baseline",
-            help="What replaces a region in ablation/shapley: mean (cohort-mean tissue value per channel and "
-            "region), erase (the surrounding tissue) or blur.",
+            help="What replaces a region in ablation/shapley: shift (its mean moved to the cohort's region mean, "
+            "texture kept), mean (the cohort-mean tissue value per channel and region), erase (the surrounding "
+            "tissue) or blur.",
         ),
-    ] = "mean",
+    ] = "shift",
     samples: Annotated[int, typer.Option("--samples", help="Shapley value sampling: permutations per scan.")] = 25,
     save_maps: Annotated[
         int, typer.Option("--save-maps", help="Write NIfTI and PNG attribution maps of this many scans.")

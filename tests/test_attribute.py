@@ -20,7 +20,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bodyage.attribute import AttributeConfig, attribute_run, check_config, group_table
-from bodyage.attribution import attribute_batch, gradcam_maps, region_measures, region_sums
+from bodyage.attribution import attribute_batch, baseline_images, gradcam_maps, region_measures, region_sums
 from bodyage.errors import InputError, RunError
 from bodyage.models import build_model, get_layer
 from bodyage.train import TrainConfig, train_run
@@ -186,7 +186,7 @@ def test_a_scans_map_is_the_same_alone_and_in_a_batch(rng: np.random.Generator, 
         attribute_batch(method, model, x, lab, **kw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("baseline", ["mean", "erase", "blur"])
+@pytest.mark.parametrize("baseline", ["shift", "mean", "erase", "blur"])
 def test_shapley_values_add_up_to_the_prediction_minus_the_baseline(rng: np.random.Generator, baseline: str) -> None:
     model, x, lab = _random_batch(rng)
     res = attribute_batch(
@@ -195,17 +195,38 @@ def test_shapley_values_add_up_to_the_prediction_minus_the_baseline(rng: np.rand
     assert np.abs(res.check["efficiency_error"]).max() < 1e-3  # years
 
 
-def test_ablation_is_the_change_in_predicted_years(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("baseline", ["shift", "mean"])
+def test_ablation_is_the_change_in_predicted_years(rng: np.random.Generator, baseline: str) -> None:
     model, x, lab = _random_batch(rng, b=1)
     means = torch.rand(4, 2)
-    res = attribute_batch("ablation", model, x, lab, n_labels=4, age_sd=11.0, cohort_means=means)
+    res = attribute_batch("ablation", model, x, lab, n_labels=4, age_sd=11.0, baseline=baseline, cohort_means=means)
     x2 = x.clone()
     region = lab[0] == 3
-    x2[0][:, region] = means[3][:, None]
+    inside = x[0][:, region]
+    if baseline == "shift":  # the region's own structure, the cohort's mean
+        x2[0][:, region] = inside - inside.mean(dim=1, keepdim=True) + means[3][:, None]
+    else:
+        x2[0][:, region] = means[3][:, None]
     with torch.no_grad():
         expected = (model(x) - model(x2)).item() * 11.0
     assert res.region_values is not None
     np.testing.assert_allclose(res.region_values[0, 3], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_shift_baseline_moves_each_regions_mean_to_the_cohorts_and_keeps_the_rest(rng: np.random.Generator) -> None:
+    x = torch.from_numpy(rng.normal(size=(3, 2, 6, 5, 7))).float()
+    lab = torch.from_numpy(rng.integers(0, 5, size=(3, 6, 5, 7)))
+    lab[1][lab[1] == 4] = 0  # a region absent from one scan
+    means = torch.from_numpy(rng.normal(size=(5, 2))).float()
+    out = baseline_images("shift", x, lab, means)
+    for i in range(3):  # a naive loop over scans, labels and channels
+        for k in lab[i].unique().tolist():
+            region = lab[i] == k
+            for c in range(2):
+                own = x[i, c][region].mean()
+                torch.testing.assert_close(out[i, c][region], x[i, c][region] - own + means[k, c], rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="the 'shift' baseline needs the cohort means per region"):
+        baseline_images("shift", x, lab)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -330,7 +351,7 @@ def test_bad_scans_go_to_failures(tiny_run: Path, tiny_study: Path, tmp_path: Pa
     ("cfg", "message"),
     [
         (AttributeConfig(methods=("lime",)), "--method must be one of gradcam, integrated_gradients"),
-        (AttributeConfig(baseline="zero"), "--baseline must be one of mean, erase, blur; 'zero'"),
+        (AttributeConfig(baseline="zero"), "--baseline must be one of shift, mean, erase, blur; 'zero'"),
         (AttributeConfig(samples=0), "--samples must be at least 1"),
         (AttributeConfig(save_maps=-1), "--save-maps must be 0 or more"),
     ],
