@@ -53,7 +53,8 @@ def main(demo: Path, out: Path) -> None:
     truth = json.loads((demo / "study" / "truth.json").read_text())
     planted = {r for r, v in truth["region_information"].items() if v > 0}
     _importance(axes[1], run, planted)
-    axes[1].set_title("ablation: the 15 most important regions (95% CI)", fontsize=11)
+    baseline = json.loads((run / "attribute.json").read_text())["arguments"]["baseline"]
+    axes[1].set_title(f"ablation ({baseline} baseline): the 15 most important regions (95% CI)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
 
