@@ -20,12 +20,15 @@ GroupTest = Literal["welch", "mannwhitney"]
 RegionLevel = Literal["region", "group"]
 #: solver of the random-intercept model (see :mod:`analysis.mixed`)
 MixedEngine = Literal["auto", "statsmodels", "reml"]
+#: the tests one Benjamini–Hochberg correction of the region models spans
+FdrFamily = Literal["method", "phenotype"]
 
 GAP_CORRECTIONS: tuple[GapCorrection, ...] = ("train", "linear", "quadratic", "none")
 REGION_METRICS: tuple[RegionMetric, ...] = ("mass", "share", "enrichment", "density", "abs_mass")
 GROUP_TESTS: tuple[GroupTest, ...] = ("welch", "mannwhitney")
 REGION_LEVELS: tuple[RegionLevel, ...] = ("region", "group")
 MIXED_ENGINES: tuple[MixedEngine, ...] = ("auto", "statsmodels", "reml")
+FDR_FAMILIES: tuple[FdrFamily, ...] = ("method", "phenotype")
 
 #: attribution methods that score whole regions; their ``mass`` is a change in predicted
 #: age in years (DESIGN.md §3), so signed ``mass`` is their default importance (DESIGN.md §7)

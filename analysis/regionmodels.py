@@ -6,7 +6,8 @@ Three analyses of the importance of each region (one column of ``attributions.pa
 
 :func:`region_models`
     ``importance_r ~ phenotype + age + age² + sex + site`` for every region × phenotype,
-    Benjamini–Hochberg FDR over regions × phenotypes within each method. Sites enter as
+    Benjamini–Hochberg FDR over regions × phenotypes within each method (DESIGN.md §7;
+    ``fdr_family="phenotype"``: over the regions of each method × phenotype). Sites enter as
     fixed effects (indicators); with repeat visits the standard errors are cluster-robust
     by subject. This form is exact OLS, so one QR decomposition serves every region
     (:func:`analysis.ols.ols_many`): 40,000 subjects × 53 regions × 5 phenotypes take
@@ -39,7 +40,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis._typing import REGION_LEVELS, REGION_METRICS, GapCorrection, RegionLevel, RegionMetric, default_metric
+from analysis._typing import (
+    FDR_FAMILIES,
+    REGION_LEVELS,
+    REGION_METRICS,
+    FdrFamily,
+    GapCorrection,
+    RegionLevel,
+    RegionMetric,
+    default_metric,
+)
 from analysis.agegap import GapCorrectionResult, correct_gap
 from analysis.design import DEFAULT_GROUP, build_design, is_binary, numeric_values
 from analysis.fdr import benjamini_hochberg
@@ -72,6 +82,7 @@ REGION_MODEL_COLUMNS: list[str] = [
     "df",
     "p",
     "q",
+    "fdr_family",
     "significant",
     "partial_r",
     "mean_importance",
@@ -202,6 +213,7 @@ def region_models(
     level: RegionLevel = "region",
     grouping: Callable[[str], str] | None = None,
     alpha: float = ALPHA,
+    fdr_family: FdrFamily = "method",
     centred: bool = False,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
@@ -223,6 +235,11 @@ def region_models(
         Region -> group name, for ``level="group"``.
     alpha
         FDR level of the ``significant`` column.
+    fdr_family
+        The tests one Benjamini–Hochberg correction spans: ``"method"`` (default, DESIGN.md
+        §7), every region × phenotype of a method; ``"phenotype"``, the regions of each
+        method × phenotype, so one phenotype's many discoveries (an anatomy-driven one such
+        as BMI) do not loosen the threshold of another's tests.
     centred
         Centre each scan's importance on its mean over regions first (the region-specific
         effects of :func:`joint_region_model`).
@@ -235,7 +252,8 @@ def region_models(
         One row per (method, region, phenotype), columns :data:`REGION_MODEL_COLUMNS`:
         ``estimate`` is the change in importance per unit of the phenotype (carriers vs
         non-carriers for 0/1), ``q`` is Benjamini–Hochberg over all regions × phenotypes of
-        the method, ``significant`` is ``q < alpha``, ``partial_r`` the partial correlation.
+        the method (or of the method × phenotype, see ``fdr_family``), ``significant`` is
+        ``q < alpha``, ``partial_r`` the partial correlation.
         Select "regions significant for phenotype X and method M" with
         ``df[(df.method == M) & (df.phenotype == X) & df.significant]``.
 
@@ -244,8 +262,11 @@ def region_models(
     RunError
         If the run has no attributions.
     InputError
-        For an invalid phenotype, covariate, group, method, metric or level (naming it).
+        For an invalid phenotype, covariate, group, method, metric, level or FDR family
+        (naming it).
     """
+    if fdr_family not in FDR_FAMILIES:
+        raise InputError(f"--fdr-family must be one of {', '.join(FDR_FAMILIES)}; {fdr_family!r} was provided")
     tables = as_run(run)
     progress = progress or NO_PROGRESS
     meths = resolve_methods(tables, methods)
@@ -302,7 +323,13 @@ def region_models(
             )
             task.advance()
         block = pd.concat(per_method, ignore_index=True)
-        block["q"] = benjamini_hochberg(block["p"].to_numpy())
+        if fdr_family == "phenotype":
+            block["q"] = block.groupby("phenotype", sort=False)["p"].transform(
+                lambda p: pd.Series(benjamini_hochberg(p.to_numpy()), index=p.index)
+            )
+        else:
+            block["q"] = benjamini_hochberg(block["p"].to_numpy())
+        block["fdr_family"] = fdr_family
         block["significant"] = block["q"] < alpha
         frames.append(block)
     task.close()
@@ -341,6 +368,7 @@ def joint_region_model(
     level: RegionLevel = "region",
     grouping: Callable[[str], str] | None = None,
     alpha: float = ALPHA,
+    fdr_family: FdrFamily = "method",
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """The long model ``importance ~ C(region) * (phenotype + covariates) + (1 | scan)``.
@@ -352,8 +380,9 @@ def joint_region_model(
     pandas.DataFrame
         Columns of :func:`region_models`. Per method and phenotype, one row per region:
         its shift of importance beyond the whole-body mean (``q`` over regions ×
-        phenotypes), and one row with region :data:`WHOLE_BODY`: the phenotype's effect on
-        the scan's mean importance over regions (``q`` over phenotypes).
+        phenotypes, or over regions with ``fdr_family="phenotype"``), and one row with
+        region :data:`WHOLE_BODY`: the phenotype's effect on the scan's mean importance over
+        regions (``q`` over phenotypes).
     """
     tables = as_run(run)
     shifts = region_models(
@@ -366,6 +395,7 @@ def joint_region_model(
         level=level,
         grouping=grouping,
         alpha=alpha,
+        fdr_family=fdr_family,
         centred=True,
         progress=progress,
     )
@@ -434,6 +464,7 @@ def _whole_body(
             )
         block = pd.DataFrame(rows)
         block["q"] = benjamini_hochberg(block["p"].to_numpy())
+        block["fdr_family"] = "method"  # the whole-body effects of the method's phenotypes
         block["significant"] = block["q"] < alpha
         frames.append(block)
     return pd.concat(frames, ignore_index=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis._typing import GapCorrection, MixedEngine, RegionLevel, RegionMetric
+from analysis._typing import FdrFamily, GapCorrection, MixedEngine, RegionLevel, RegionMetric
 from analysis.agegap import GapCorrectionResult, age_accuracy, correct_gap
 from analysis.design import DEFAULT_GROUP
 from analysis.phenotypes import phenotype_models
@@ -124,6 +124,7 @@ def run_stats(
     grouping: Callable[[str], str] | None = None,
     engine: MixedEngine = "auto",
     alpha: float = ALPHA,
+    fdr_family: FdrFamily = "method",
     figures: bool = True,
     out: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
@@ -144,6 +145,9 @@ def run_stats(
         Mixed-model solver (:mod:`analysis.mixed`).
     alpha
         FDR level.
+    fdr_family
+        Family of the region models' Benjamini–Hochberg correction
+        (:func:`analysis.regionmodels.region_models`).
     figures
         Draw the figures.
     out
@@ -180,6 +184,7 @@ def run_stats(
         "level": level,
         "engine": engine,
         "alpha": alpha,
+        "fdr_family": fdr_family,
     }
     inputs = {}
     if tables.root is not None:
@@ -231,6 +236,7 @@ def run_stats(
             "level": level,
             "grouping": grouping,
             "alpha": alpha,
+            "fdr_family": fdr_family,
         }
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BodyageWarning)

@@ -207,6 +207,8 @@ def region_table(
         else "classical standard errors"
     )
     fe_text = f" and {first['fixed_effects']} (fixed effects)" if first["fixed_effects"] else ""
+    per_phenotype = "fdr_family" in sub and (sub["fdr_family"] == "phenotype").any()
+    family = "the regions of each phenotype" if per_phenotype else "all regions and phenotypes"
     if joint:
         what = (
             f"Shift of {method} attribution ({metric}; estimates in {unit}) toward each region beyond the whole "
@@ -239,7 +241,8 @@ def region_table(
         notes=(
             what,
             f"Estimates per unit of the phenotype or carriers vs non-carriers (1 vs 0); {se_text}; q: "
-            "Benjamini--Hochberg over all regions and phenotypes of the method.",
+            f"Benjamini--Hochberg over {family} of the method"
+            + (f"; the {WHOLE_BODY} rows over the phenotypes." if joint else "."),
             selection,
             missing_note(n_missing),
         ),

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from analysis._typing import GapCorrection, MixedEngine, RegionLevel, RegionMetric
+from analysis._typing import FdrFamily, GapCorrection, MixedEngine, RegionLevel, RegionMetric
 from cli.errors import handles_errors
 from cli.progress import progress_display
 
@@ -44,6 +44,14 @@ def stats(
     ] = "region",
     engine: Annotated[MixedEngine, typer.Option("--engine", help="Mixed-model solver.")] = "auto",
     alpha: Annotated[float, typer.Option("--alpha", help="False discovery rate level.", min=0.0, max=1.0)] = 0.05,
+    fdr_family: Annotated[
+        FdrFamily,
+        typer.Option(
+            "--fdr-family",
+            help="Tests one Benjamini-Hochberg correction of the region models spans: method (every region x "
+            "phenotype of a method, DESIGN §7) or phenotype (the regions of each method x phenotype).",
+        ),
+    ] = "method",
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures.")] = True,
 ) -> None:
     """Age-gap correction, mixed models, FDR, LaTeX tables and figures (RUN/stats, RUN/figures)."""
@@ -63,6 +71,7 @@ def stats(
             grouping=group_of if level == "group" else None,
             engine=engine,
             alpha=alpha,
+            fdr_family=fdr_family,
             figures=figures,
             progress=progress,
         )

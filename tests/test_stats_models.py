@@ -49,6 +49,27 @@ def test_bh_ignores_missing_p_values(rng: np.random.Generator) -> None:
     np.testing.assert_allclose(q[:-2], multipletests(p, method="fdr_bh")[1], rtol=1e-12)
 
 
+@pytest.mark.parametrize("family", ["method", "phenotype"])
+def test_region_model_q_values_are_statsmodels_bh_over_their_family(tables: RunTables, family: str) -> None:
+    res = region_models(tables, fdr_family=family)  # type: ignore[arg-type]
+    keys = ["method"] if family == "method" else ["method", "phenotype"]
+    assert res.groupby(keys).ngroups > 1
+    for _, block in res.groupby(keys):
+        ok = block["p"].notna()
+        expected = multipletests(block.loc[ok, "p"], method="fdr_bh")[1]
+        np.testing.assert_allclose(block.loc[ok, "q"], expected, rtol=1e-12)
+        assert (block["significant"] == (block["q"] < 0.05)).all()
+
+
+def test_per_phenotype_families_keep_one_phenotypes_discoveries_from_loosening_anothers(tables: RunTables) -> None:
+    pooled = region_models(tables, methods=["ablation"]).set_index(["phenotype", "region"])
+    split = region_models(tables, methods=["ablation"], fdr_family="phenotype").set_index(["phenotype", "region"])
+    np.testing.assert_allclose(split["p"], pooled["p"].reindex(split.index))  # same fits, other families
+    assert not np.allclose(split["q"], pooled["q"].reindex(split.index))
+    with pytest.raises(InputError, match="--fdr-family must be one of method, phenotype; 'all' was provided"):
+        region_models(tables, fdr_family="all")  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------- mixed models
 
 
