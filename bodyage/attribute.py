@@ -54,6 +54,7 @@ import pandas as pd
 from bodyage.atomic import write_json, write_with
 from bodyage.attribution import (
     BASELINES,
+    COHORT_MEAN_BASELINES,
     IG_STEPS,
     METHODS,
     attribute_batch,
@@ -588,7 +589,7 @@ def attribute_run(
         part_dir(run, m, fps[m]).mkdir(parents=True, exist_ok=True)
 
     means = None
-    if any(METHODS[m].level == "region" for m in cfg.methods) and cfg.baseline in ("shift", "mean") and len(todo):
+    if any(METHODS[m].level == "region" for m in cfg.methods) and cfg.baseline in COHORT_MEAN_BASELINES and len(todo):
         means = cohort_means(inputs, list(todo["scan_id"]), n_labels, cfg.seed).to(dev)
 
     mine = todo.iloc[shard(list(range(len(todo))), world)].reset_index(drop=True)
