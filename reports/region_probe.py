@@ -19,11 +19,12 @@ import argparse
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import pandas as pd
 from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import GroupKFold, cross_val_predict
+
+from bodyage.study import load_study
+from bodyage.volumes import load_volume
 
 
 def region_features(water: np.ndarray, fat: np.ndarray, mask: np.ndarray, n_labels: int) -> np.ndarray:
@@ -52,13 +53,16 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=2, help="coarsening factor of the model grid (default 2)")
     args = parser.parse_args()
     root: Path = args.study
-    cohort = pd.read_csv(root / "cohort.csv")
-    n_labels = max(int(k) for k in json.loads((root / "labels.json").read_text())) + 1
+    study = load_study(root)
+    cohort = study.cohort
+    if study.labels is None:
+        raise SystemExit(f"error: {root / 'labels.json'} not found: the probe needs the study's label table")
+    n_labels = max(study.labels.ids) + 1
     rows: dict[int, list[np.ndarray]] = {1: [], args.factor: []}
     for r in cohort.itertuples():
-        water = nib.load(root / r.water).get_fdata(dtype=np.float32)
-        fat = nib.load(root / r.fat).get_fdata(dtype=np.float32)
-        mask = np.asarray(nib.load(root / r.mask).dataobj).astype(np.int64)
+        water = np.asarray(load_volume(study.path(r.water), dtype=np.float32).data)
+        fat = np.asarray(load_volume(study.path(r.fat), dtype=np.float32).data)
+        mask = np.asarray(load_volume(study.path(r.mask)).data).astype(np.int64)
         rows[1].append(region_features(water, fat, mask, n_labels))
         f = args.factor
         coarse_mask = mask[: mask.shape[0] // f * f : f, : mask.shape[1] // f * f : f, : mask.shape[2] // f * f : f]
