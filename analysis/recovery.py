@@ -44,7 +44,8 @@ import pandas as pd
 from analysis._typing import REGION_LEVEL_METHODS
 from analysis.latex import escape, format_number, format_p
 from analysis.regionmodels import ALPHA
-from analysis.run import STATS_DIR, RunTables, as_run
+from analysis.run import RunTables, as_run
+from analysis.stats_record import current_table
 from bodyage.errors import InputError, StudyError
 
 TRUTH_FILE = "truth.json"
@@ -241,12 +242,33 @@ def method_recovery(
     }
 
 
+def recovery_options(alpha: float) -> dict[str, Any]:
+    """The ``stats`` options the recovery's phenotype and region results are defined with.
+
+    Tables of ``RUN/stats`` made with other options (:mod:`analysis.stats_record`) are not
+    used: the recovery fits its own.
+    """
+    from analysis.design import DEFAULT_GROUP
+
+    return {
+        "covariates": None,
+        "default_covariates": True,
+        "group": DEFAULT_GROUP,
+        "correction": "train",
+        "engine": "auto",
+        "metric": None,
+        "level": "region",
+        "alpha": alpha,
+        "fdr_family": "method",
+    }
+
+
 def _phenotype_results(tables: RunTables, phenotypes: Sequence[str], alpha: float) -> tuple[pd.DataFrame, str]:
-    """Separate phenotype models: from ``RUN/stats`` when current, else fitted now."""
+    """Separate phenotype models: from ``RUN/stats`` if current and made with :func:`recovery_options`, else fitted."""
     from analysis.phenotypes import phenotype_models
 
-    path = tables.root / STATS_DIR / "phenotype_models.parquet" if tables.root else None
-    if path is not None and path.is_file() and not stats_stale(tables.root):
+    path = current_table(tables.root, "phenotype_models", recovery_options(alpha))
+    if path is not None:
         res = pd.read_parquet(path)
         if set(phenotypes) <= set(res["phenotype"]):
             return res[res["model"] == "separate"], "stats"
@@ -255,13 +277,13 @@ def _phenotype_results(tables: RunTables, phenotypes: Sequence[str], alpha: floa
 
 
 def _region_results(tables: RunTables, phenotypes: Sequence[str], alpha: float) -> tuple[pd.DataFrame | None, str]:
-    """Region models at region level: from ``RUN/stats`` when current, else fitted now."""
+    """Region-level region models: from ``RUN/stats`` if current and made with :func:`recovery_options`, else fitted."""
     from analysis.regionmodels import region_models
 
     if tables.attributions is None:
         return None, "none"
-    path = tables.root / STATS_DIR / "region_models.parquet" if tables.root else None
-    if path is not None and path.is_file() and not stats_stale(tables.root):
+    path = current_table(tables.root, "region_models", recovery_options(alpha))
+    if path is not None:
         res = pd.read_parquet(path)
         if (
             (res["level"] == "region").all()
@@ -270,35 +292,6 @@ def _region_results(tables: RunTables, phenotypes: Sequence[str], alpha: float) 
         ):
             return res, "stats"
     return region_models(tables, phenotypes=list(phenotypes), alpha=alpha), "computed"
-
-
-def stats_stale(run_root: str | os.PathLike[str] | None) -> bool:
-    """Whether ``RUN/stats`` was made from other tables than the run's current ones.
-
-    Compares the SHA-256 of ``predictions.parquet`` and ``attributions.parquet`` recorded
-    in ``RUN/stats/run.json`` with the files now (a missing record counts as stale; a run
-    without ``stats/`` is not stale, it has no statistics).
-    """
-    from bodyage.provenance import file_sha256
-
-    if run_root is None:
-        return False
-    root = Path(run_root)
-    record_path = root / STATS_DIR / "run.json"
-    if not (root / STATS_DIR).is_dir():
-        return False
-    try:
-        inputs = json.loads(record_path.read_text(encoding="utf-8")).get("inputs", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return True
-    for name, file in (("predictions", "predictions.parquet"), ("attributions", "attributions.parquet")):
-        path = root / file
-        recorded = (inputs.get(name) or {}).get("sha256") if isinstance(inputs, dict) else None
-        if path.is_file() != (recorded is not None):
-            return True
-        if path.is_file() and recorded != file_sha256(path):
-            return True
-    return False
 
 
 def _run_mae(tables: RunTables) -> tuple[float, float | None]:

@@ -56,11 +56,12 @@ from analysis.recovery import (
     read_truth,
     recovery,
     region_importance,
-    stats_stale,
     write_recovery,
 )
 from analysis.regionmodels import ALPHA
 from analysis.run import FIGURES_DIR, STATS_DIR, RunTables, load_run
+from analysis.stats_record import ESTIMATE_OPTIONS, read_stats_record, stats_stale
+from bodyage.accuracy import accuracy_text, prediction_metrics, uninformative_note
 from bodyage.errors import InputError, RunError
 
 REPORT_TEX = "report.tex"
@@ -79,7 +80,8 @@ TOP_IN_SUMMARY = 8
 #: captions of the figures the steps are known to write (stem -> caption)
 FIGURE_CAPTIONS: dict[str, str] = {
     "learning_curves": "Training and validation loss per epoch, one curve per fold.",
-    "predicted_vs_age": "Out-of-fold predicted age against chronological age (years).",
+    "predicted_vs_age": "Out-of-fold predicted age against chronological age, and the bias-corrected age gap "
+    "against age (years).",
     "age_scatter": "Predicted against chronological age by site, and the bias-corrected age gap against age.",
     "phenotype_forest": "Effects of the phenotypes on the corrected age gap (years, 95% CI), "
     "separate and joint models.",
@@ -239,10 +241,15 @@ def write_report(
 
     missing: list[str] = []
     has_attr = tables.attributions is not None
-    has_stats = (run_root / STATS_DIR / "run.json").is_file()
+    has_stats = read_stats_record(run_root) is not None
     if not has_attr:
         missing.append(f"no attributions.parquet: run `bodyage attribute {run_root}` (then `bodyage stats` again)")
-    if not has_stats:
+    if not has_stats and (run_root / STATS_DIR).is_dir():
+        missing.append(
+            f"RUN/stats has no record of a finished stats run (killed, or made by an older version; its tables "
+            f"may be from older tables or mixed runs): run `bodyage stats {run_root}` again"
+        )
+    elif not has_stats:
         missing.append(f"no statistics: run `bodyage stats {run_root}`")
     elif stats_stale(run_root):
         missing.append(f"RUN/stats was made from older tables: run `bodyage stats {run_root}` again")
@@ -481,6 +488,10 @@ def _run_facts(tables: RunTables, run_root: Path) -> list[str]:
         f"scans with an out-of-fold prediction: {len(tables.predictions)} "
         f"({tables.predictions['subject_id'].nunique()} subjects, {tables.predictions['fold'].nunique()} folds)"
     )
+    check = prediction_metrics(tables.predictions)
+    facts.append(f"age model: {accuracy_text(check)}; " + ("informative" if check["informative"] else "UNINFORMATIVE"))
+    if not check["informative"]:
+        facts.append(uninformative_note(check))
     for key, label in (("model", "model"), ("grid", "model grid"), ("epochs", "epochs"), ("seed", "seed")):
         if isinstance(args, Mapping) and args.get(key) is not None:
             value = args[key]
@@ -488,10 +499,26 @@ def _run_facts(tables: RunTables, run_root: Path) -> list[str]:
             facts.append(f"{label}: {value}")
     if tables.methods:
         facts.append(f"attribution methods: {', '.join(tables.methods)}")
+    facts += _stats_facts(run_root)
     revision = tables.record.get("git_revision")
     if revision:
         facts.append(f"bodyage {tables.record.get('bodyage_version', '')} at {revision}")
     return facts
+
+
+def _stats_facts(run_root: Path) -> list[str]:
+    """The options the tables of ``RUN/stats`` were made with, from their record (none without one)."""
+    record = read_stats_record(run_root)
+    args = record.get("arguments") if record else None
+    if not isinstance(args, Mapping):
+        return []
+    shown = []
+    for key in ESTIMATE_OPTIONS:
+        if key in args:
+            value = args[key]
+            value = ", ".join(map(str, value)) if isinstance(value, list) else value
+            shown.append(f"{key.replace('_', ' ')} {'default' if value is None else value}")
+    return [f"statistics made with: {'; '.join(shown)}"] if shown else []
 
 
 def _aspect(png: Path) -> float | None:
@@ -722,19 +749,19 @@ def _summary(
     lines = [f"# bodyage report: {name}", ""]
     pred = tables.predictions
     metrics = _read_json(run_root / METRICS_FILE) or {}
-    overall = metrics.get("overall") or {}
-    corrected = metrics.get("overall_corrected") or {}
-    mae = overall.get("mae", float((pred["predicted_age"] - pred["age"]).abs().mean()))
+    # accuracy from the predictions (never the bias-corrected ones: they use the true age)
+    check = prediction_metrics(pred)
+    mae = check["overall"]["mae"]
+    warning = uninformative_note(check)
     lines += ["## Age prediction", ""]
-    text = (
+    lines.append(
         f"- {len(pred)} scans of {pred['subject_id'].nunique()} subjects have an out-of-fold prediction "
-        f"({pred['fold'].nunique()} folds). Mean absolute error {_f(mae)} years"
+        f"({pred['fold'].nunique()} folds). Mean absolute error {_f(mae)} years, against {_f(check['baseline_mae'])} "
+        f"for predicting each scan at the mean age of the other folds; correlation with age "
+        f"r = {_f(check['overall']['pearson_r'], 3)}."
     )
-    if corrected.get("mae") is not None:
-        text += f" ({_f(corrected['mae'])} after the bias correction)"
-    if overall.get("pearson_r") is not None:
-        text += f", correlation with age r = {_f(overall['pearson_r'], 3)}"
-    lines.append(text + ".")
+    if warning:
+        lines.append(f"- **{warning}**")
     oracle = metrics.get("oracle_mae", rec.get("oracle_mae") if rec else None)
     if oracle is not None:
         lines.append(
@@ -772,6 +799,8 @@ def _summary(
             lines.append("")
 
     lines += ["## Phenotypes and the age gap", ""]
+    if warning:
+        lines += [f"**{warning}**", ""]
     pm = run_root / STATS_DIR / "phenotype_models.parquet"
     if pm.is_file():
         res = pd.read_parquet(pm)

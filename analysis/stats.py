@@ -14,8 +14,10 @@
 ``RUN/figures/``
     ``age_scatter``, ``phenotype_forest``, ``region_heatmap_<method>`` (``.pdf`` + ``.png``).
 
-Region outputs are written only when the run has ``attributions.parquet``. Per-method
-files of methods no longer in the run are removed, so a report never picks up stale tables.
+Region outputs are written only when the run has ``attributions.parquet``. Every run
+writes one complete set: files an earlier run wrote and this one did not (per-method
+files of methods no longer in the run, figures after ``figures=False``) are removed, and
+the record is written last (:mod:`analysis.stats_record`), so a report never mixes runs.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import stats_record
 from analysis._typing import FdrFamily, GapCorrection, MixedEngine, RegionLevel, RegionMetric
 from analysis.agegap import GapCorrectionResult, age_accuracy, correct_gap
 from analysis.design import DEFAULT_GROUP
@@ -199,6 +202,7 @@ def run_stats(
     stats_dir = base / STATS_DIR
     fig_dir = base / FIGURES_DIR
     stats_dir.mkdir(parents=True, exist_ok=True)
+    previous = stats_record.begin(base)
     written: list[Path] = []
 
     gap = correct_gap(tables, correction)
@@ -278,12 +282,14 @@ def run_stats(
                 task.advance()
         task.close()
     _remove_stale([stats_dir, fig_dir] if figures else [stats_dir], written)
-    record_path = stats_dir / "run.json"
+    removed = stats_record.remove_previous(base, previous, written, figures=figures)
+    record_path = stats_record.record_path(base)
     write_record(
         record_path,
         finish_run_record(
             record,
             outputs=sorted(str(p.relative_to(base)) for p in written),
+            removed=removed,
             phenotypes=phenos,
             n_scans=len(gap.scans),
         ),
