@@ -32,6 +32,7 @@ import pandas as pd
 
 from analysis._typing import GAP_CORRECTIONS, GapCorrection
 from analysis.run import PREDICTIONS_FILE, RunTables, as_run
+from bodyage.accuracy import baseline_predictions, informative, uninformative_note
 from bodyage.errors import BodyageWarning, InputError, RunError
 
 #: width of the age bands of :func:`age_accuracy` (years)
@@ -164,12 +165,15 @@ def age_accuracy(gap: GapCorrectionResult, *, band_years: int = AGE_BAND_YEARS) 
     pandas.DataFrame
         One row per subset: ``subset`` (``overall``, ``site``, ``sex``, ``age band``),
         ``level``, ``n``, ``mae``, ``rmse``, ``r2``, ``pearson_r`` (predicted vs
-        chronological age, uncorrected predictions), ``mean_gap`` and ``gap_age_r``
-        (uncorrected gap), ``mean_corrected_gap`` and ``corrected_gap_age_r`` (the gap the
-        models use; its correlation with age should be near 0), ``mae_corrected``. Within a
-        narrow age band ``r2`` compares with that band's own age variance and can be negative.
+        chronological age, uncorrected predictions), ``baseline_mae`` (the MAE of predicting
+        each scan at the mean age of the other folds, :func:`bodyage.accuracy.baseline_predictions`),
+        ``mean_gap`` and ``gap_age_r`` (uncorrected gap), ``mean_corrected_gap`` and
+        ``corrected_gap_age_r`` (the gap the models use; its correlation with age should be
+        near 0). There is no MAE of the corrected predictions: they use the true age, so it
+        is small even for a model that learned nothing. Within a narrow age band ``r2``
+        compares with that band's own age variance and can be negative.
     """
-    scans = gap.scans
+    scans = gap.scans.assign(baseline_age=baseline_predictions(gap.scans["age"], gap.scans["fold"]))
     band_lo = (np.floor(scans["age"] / band_years) * band_years).astype(int)
     bands = band_lo.astype(str) + "-" + (band_lo + band_years - 1).astype(str)
     rows = [_accuracy_row("overall", "all", scans)]
@@ -208,9 +212,34 @@ def _accuracy_row(subset: str, level: str, df: pd.DataFrame) -> dict[str, object
         "rmse": float(np.sqrt((err**2).mean())),
         "r2": 1.0 - float((err**2).sum()) / ss_tot if ss_tot > 0 else float("nan"),
         "pearson_r": _corr(yhat, y),
+        "baseline_mae": float(np.abs(df["baseline_age"].to_numpy(float) - y).mean()),
         "mean_gap": float(err.mean()),
         "gap_age_r": _corr(err, y),
         "mean_corrected_gap": float(np.nanmean(gap)) if np.isfinite(gap).any() else float("nan"),
         "corrected_gap_age_r": _corr(gap[np.isfinite(gap)], y[np.isfinite(gap)]),
-        "mae_corrected": float(np.nanmean(np.abs(gap))) if np.isfinite(gap).any() else float("nan"),
     }
+
+
+def model_signal(acc: pd.DataFrame) -> tuple[bool, str]:
+    """Whether the model behind an :func:`age_accuracy` table learned age, and the evidence.
+
+    The rule is :func:`bodyage.accuracy.informative` (out-of-fold MAE below 0.95 × the
+    mean-age baseline's, and Pearson r's 95% CI above 0), applied to the ``overall`` row.
+    """
+    return informative(_overall(acc))
+
+
+def gap_note(acc: pd.DataFrame) -> str:
+    """A sentence for every table or summary resting on the age gap; ``""`` when the model is informative.
+
+    Parameters
+    ----------
+    acc
+        Output of :func:`age_accuracy`.
+    """
+    return uninformative_note(_overall(acc))
+
+
+def _overall(acc: pd.DataFrame) -> dict[str, object]:
+    row = acc[acc["subset"] == "overall"].iloc[0]
+    return {"overall": {k: row[k] for k in ("n", "mae", "pearson_r")}, "baseline_mae": row["baseline_mae"]}

@@ -6,7 +6,8 @@ returns the dictionary ``report`` writes to ``RUN/recovery.json`` (the keys of D
 
 ``mae``, ``oracle_mae``, ``mae_ratio``
     The run's out-of-fold MAE (uncorrected, as ``metrics.json``), the oracle's floor and
-    their ratio.
+    their ratio; ``baseline_mae`` and ``informative`` (:mod:`bodyage.accuracy`: the MAE
+    of predicting the mean age of the other folds, and whether the model beat it).
 ``methods[<method>]``
     ``k`` (regions with ``region_information > 0``), ``precision_at_k`` (fraction of
     them among the k most important regions), ``spearman`` (rank correlation of
@@ -46,6 +47,7 @@ from analysis.latex import escape, format_number, format_p
 from analysis.regionmodels import ALPHA
 from analysis.run import RunTables, as_run
 from analysis.stats_record import current_table
+from bodyage.accuracy import prediction_metrics
 from bodyage.errors import InputError, StudyError
 
 TRUTH_FILE = "truth.json"
@@ -294,8 +296,8 @@ def _region_results(tables: RunTables, phenotypes: Sequence[str], alpha: float) 
     return region_models(tables, phenotypes=list(phenotypes), alpha=alpha), "computed"
 
 
-def _run_mae(tables: RunTables) -> tuple[float, float | None]:
-    """Uncorrected out-of-fold MAE (``metrics.json`` when present, else the predictions) and the corrected one."""
+def _run_mae(tables: RunTables) -> float:
+    """Out-of-fold MAE (``metrics.json`` when present, else the predictions); never of the corrected predictions."""
     metrics: dict[str, Any] = {}
     if tables.root is not None and (tables.root / METRICS_FILE).is_file():
         try:
@@ -306,10 +308,7 @@ def _run_mae(tables: RunTables) -> tuple[float, float | None]:
     mae = (metrics.get("overall") or {}).get("mae")
     if not isinstance(mae, (int, float)):
         mae = float((pred["predicted_age"] - pred["age"]).abs().mean())
-    corrected = (metrics.get("overall_corrected") or {}).get("mae")
-    if not isinstance(corrected, (int, float)):
-        corrected = float(pred["age_gap_corrected"].abs().mean()) if pred["age_gap_corrected"].notna().all() else None
-    return float(mae), corrected
+    return float(mae)
 
 
 def recovery(
@@ -354,14 +353,16 @@ def recovery(
             raise StudyError(f"{tables.study_root / TRUTH_FILE}: not found (recovery needs a simulated study)")
     information = {str(k): float(v) for k, v in truth["region_information"].items()}
     effects = region_effects(truth)
-    mae, mae_corrected = _run_mae(tables)
+    mae = _run_mae(tables)
+    check = prediction_metrics(tables.predictions)
     oracle = truth.get("oracle_mae")
     oracle_mae = float(oracle) if isinstance(oracle, (int, float)) else math.nan
     out: dict[str, Any] = {
         "mae": mae,
         "oracle_mae": oracle_mae,
         "mae_ratio": mae / oracle_mae if oracle_mae and math.isfinite(oracle_mae) else math.nan,
-        "mae_corrected": mae_corrected,
+        "baseline_mae": check["baseline_mae"],
+        "informative": check["informative"],
         "n_scans": len(tables.predictions),
         "scenario": truth.get("scenario_name"),
         "alpha": alpha,

@@ -33,7 +33,7 @@ import pandas as pd
 
 from analysis import stats_record
 from analysis._typing import FdrFamily, GapCorrection, MixedEngine, RegionLevel, RegionMetric
-from analysis.agegap import GapCorrectionResult, age_accuracy, correct_gap
+from analysis.agegap import GapCorrectionResult, age_accuracy, correct_gap, gap_note
 from analysis.design import DEFAULT_GROUP
 from analysis.phenotypes import phenotype_models
 from analysis.regionmodels import ALPHA, joint_region_model, region_gap_correlations, region_models
@@ -81,9 +81,12 @@ class StatsResult:
         """A few lines for the command line: counts and names of phenotypes/regions, never ids."""
         acc = self.accuracy.iloc[0]
         lines = [
-            f"age: {int(acc['n'])} scans, MAE {acc['mae']:.2f} y, r {acc['pearson_r']:.2f}; "
-            f"gap-age correlation {acc['gap_age_r']:.2f} -> {acc['corrected_gap_age_r']:.2f} ({self.gap.correction})"
+            f"age: {int(acc['n'])} scans, MAE {acc['mae']:.2f} y (mean-age baseline {acc['baseline_mae']:.2f}), "
+            f"r {acc['pearson_r']:.2f}; gap-age correlation {acc['gap_age_r']:.2f} -> "
+            f"{acc['corrected_gap_age_r']:.2f} ({self.gap.correction})"
         ]
+        if note := gap_note(self.accuracy):
+            lines.append(f"WARNING: {note}")
         sep = self.phenotypes[self.phenotypes["model"] == "separate"]
         sig = sep[sep["q"] < self.alpha]
         lines.append(
@@ -226,7 +229,7 @@ def run_stats(
     _reemit(caught)
     written += tab.write_frame(pheno, stats_dir, "phenotype_models")
     view, spec = tab.phenotype_table(pheno, alpha)
-    written.append(tab.write_tex(view, stats_dir, "phenotype_models", spec))
+    written.append(tab.write_tex(view, stats_dir, "phenotype_models", tab.with_note(spec, gap_note(acc))))
     phenos = list(pheno.loc[pheno["model"] == "separate", "phenotype"])
 
     regions = joint = corr = None
@@ -267,6 +270,7 @@ def run_stats(
             view, spec = tab.region_table(joint, method, alpha, joint=True)
             written.append(tab.write_tex(view, stats_dir, f"region_joint_{method}", spec))
             view, spec = tab.gap_correlation_table(corr, method, alpha)
+            spec = tab.with_note(spec, gap_note(acc))
             written.append(tab.write_tex(view, stats_dir, f"region_gap_correlations_{method}", spec))
 
     if figures:

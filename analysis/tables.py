@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from analysis.agegap import gap_note
 from analysis.latex import Column, LatexTable, write_latex
 from analysis.regionmodels import WHOLE_BODY
 
@@ -68,6 +70,14 @@ def _select_rows(df: pd.DataFrame, alpha: float, what: str, csv: str) -> tuple[p
     return sig, f"The {len(sig)} {what}(s) significant at FDR {alpha:g} are shown; all rows are in {csv}."
 
 
+def with_note(table: LatexTable, note: str) -> LatexTable:
+    """``table`` with ``note`` as its first note (unchanged when ``note`` is empty).
+
+    ``run_stats`` puts :func:`analysis.agegap.gap_note` on every table resting on the age gap.
+    """
+    return replace(table, notes=(note, *table.notes)) if note else table
+
+
 def missing_note(n_missing: dict[str, int]) -> str:
     """Sentence counting scans excluded for missing values, per phenotype ('' if none)."""
     parts = [f"{k}: {v}" for k, v in n_missing.items() if v]
@@ -82,7 +92,13 @@ _SUBSET_TITLES = {"overall": "Overall", "site": "By site", "sex": "By sex", "age
 
 
 def accuracy_table(acc: pd.DataFrame, correction: str) -> tuple[pd.DataFrame, LatexTable]:
-    """LaTeX view of :func:`analysis.agegap.age_accuracy`."""
+    """LaTeX view of :func:`analysis.agegap.age_accuracy`.
+
+    The notes give the overall MAE of the mean-age baseline beside the model's and, for a
+    model that did not learn age (:func:`analysis.agegap.gap_note`), say so.
+    """
+    overall = acc[acc["subset"] == "overall"].iloc[0]
+    warning = gap_note(acc)
     view = acc.copy()
     view["block"] = view["subset"].map(_SUBSET_TITLES).fillna(view["subset"])
     table = LatexTable(
@@ -100,10 +116,13 @@ def accuracy_table(acc: pd.DataFrame, correction: str) -> tuple[pd.DataFrame, La
         caption="Accuracy of the out-of-fold age predictions, overall and by site, sex and age band",
         label=label("age_accuracy"),
         notes=(
+            *((warning,) if warning else ()),
             "MAE and RMSE (years), R² and r compare predicted with chronological age (out-of-fold predictions); "
             "within a narrow age band R² compares with that band's small age variance and can be negative. "
             "The gap is predicted minus chronological age (years); its correlation with age, r(age), is the "
-            f"regression-to-the-mean bias that the correction ({correction}) removes.",
+            f"regression-to-the-mean bias that the correction ({correction}) removes. "
+            "Baseline: predicting each scan at the mean age of the other folds gives an MAE of "
+            f"{overall['baseline_mae']:.2f} years overall.",
         ),
         section="block",
     )

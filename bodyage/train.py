@@ -33,10 +33,11 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from bodyage.accuracy import prediction_metrics
 from bodyage.atomic import write_json, write_with
 from bodyage.distributed import WorldInfo, world_info
 from bodyage.errors import CheckpointError, InputError, RunError
-from bodyage.folds import BiasCorrection, assign_folds, inner_split, regression_metrics
+from bodyage.folds import BiasCorrection, assign_folds, inner_split
 from bodyage.models import MODELS, build_model, get_model_spec
 from bodyage.preprocess import CacheResult, PreprocessSettings, build_cache
 from bodyage.progress import NO_PROGRESS, Progress
@@ -792,10 +793,9 @@ def train_run(
 
 
 def _metrics(preds: pd.DataFrame, study: Study) -> dict[str, Any]:
-    out: dict[str, Any] = {"overall": regression_metrics(preds["age"], preds["predicted_age"]), "folds": {}}
-    out["overall_corrected"] = regression_metrics(preds["age"], preds["age"] + preds["age_gap_corrected"])
-    for k, g in preds.groupby("fold"):
-        out["folds"][str(k)] = regression_metrics(g["age"], g["predicted_age"])
+    # accuracy beside the mean-age baseline and the informative flag; never the accuracy of
+    # the bias-corrected predictions (they use the true age)
+    out = prediction_metrics(preds)
     truth = study.root / TRUTH_FILE
     if truth.is_file():
         oracle = float(json.loads(truth.read_text())["oracle_mae"])

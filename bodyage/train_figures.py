@@ -47,30 +47,57 @@ def learning_curves(log: pd.DataFrame, folder: Path) -> list[Path]:
     return paths
 
 
+def figure_titles(preds: pd.DataFrame, metrics: dict[str, Any]) -> tuple[str, str, str]:
+    """Titles of :func:`predicted_vs_age`: left panel, right panel, figure (may be ``""``).
+
+    The left panel gives the MAE beside the mean-age baseline's; the right one shows the
+    bias-corrected gap and its correlation with age, never an MAE of the corrected
+    predictions (they use the true age). An uninformative model says so in the figure title.
+    """
+    left = f"predicted (MAE {metrics['overall']['mae']:.2f} y"
+    if "baseline_mae" in metrics:
+        left += f"; mean-age baseline {metrics['baseline_mae']:.2f} y"
+    left += ")"
+    gap = preds["age_gap_corrected"].to_numpy(float)
+    age = preds["age"].to_numpy(float)
+    ok = np.isfinite(gap)
+    r = float(np.corrcoef(age[ok], gap[ok])[0, 1]) if ok.sum() > 2 and np.ptp(gap[ok]) > 0 else float("nan")
+    right = f"bias-corrected age gap (r with age {r:.2f})"
+    parts = []
+    if "oracle_mae" in metrics:
+        parts.append(f"oracle MAE {metrics['oracle_mae']:.2f} y, ratio {metrics['mae_ratio']:.2f}")
+    if metrics.get("informative") is False:
+        parts.append("UNINFORMATIVE MODEL: not clearly better than the mean age of the training folds")
+    return left, right, "; ".join(parts)
+
+
 def predicted_vs_age(preds: pd.DataFrame, folder: Path, metrics: dict[str, Any]) -> list[Path]:
-    """Out-of-fold predicted age against chronological age, with the identity line."""
+    """Out-of-fold predicted age against chronological age, and the bias-corrected gap against age."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharex=True, sharey=True)
+    left, right, title = figure_titles(preds, metrics)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharex=True)
     lo = float(min(preds["age"].min(), preds["predicted_age"].min())) - 2
     hi = float(max(preds["age"].max(), preds["predicted_age"].max())) + 2
-    corrected = preds["age"] + preds["age_gap_corrected"]
-    for ax, y, title in ((axes[0], preds["predicted_age"], "predicted"), (axes[1], corrected, "bias-corrected")):
-        ax.scatter(preds["age"], y, s=9, alpha=0.6, c=preds["fold"], cmap="tab10", vmin=0, vmax=9, lw=0)
-        ax.plot([lo, hi], [lo, hi], color="black", lw=1, ls="--", label="identity")
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
-        ax.set_aspect("equal")
-        ax.set_xlabel("chronological age (years)")
-        mae = float(np.mean(np.abs(y - preds["age"])))
-        ax.set_title(f"{title} (MAE {mae:.2f} y)", fontsize=10)
-        ax.grid(alpha=0.3)
+    style = {"s": 9, "alpha": 0.6, "c": preds["fold"], "cmap": "tab10", "vmin": 0, "vmax": 9, "lw": 0}
+    axes[0].scatter(preds["age"], preds["predicted_age"], **style)
+    axes[0].plot([lo, hi], [lo, hi], color="black", lw=1, ls="--", label="identity")
+    axes[0].set_xlim(lo, hi)
+    axes[0].set_ylim(lo, hi)
+    axes[0].set_aspect("equal")
     axes[0].set_ylabel("out-of-fold predicted age (years)")
-    if "oracle_mae" in metrics:
-        fig.suptitle(f"oracle MAE {metrics['oracle_mae']:.2f} y, ratio {metrics['mae_ratio']:.2f}", fontsize=10)
+    axes[1].scatter(preds["age"], preds["age_gap_corrected"], **style)
+    axes[1].axhline(0.0, color="black", lw=1, ls="--")
+    axes[1].set_ylabel("bias-corrected age gap (years)")
+    for ax, text in ((axes[0], left), (axes[1], right)):
+        ax.set_xlabel("chronological age (years)")
+        ax.set_title(text, fontsize=10)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10, color="firebrick" if metrics.get("informative") is False else "black")
     axes[0].legend(loc="upper left", fontsize=8, frameon=False)
     fig.tight_layout()
     paths = _save(fig, folder, "predicted_vs_age")

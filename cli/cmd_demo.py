@@ -105,6 +105,8 @@ def _summary(
     ratio = f", ratio {m['mae_ratio']:.2f} (goal <= 1.5)" if "mae_ratio" in m else ""
     oracle = f" vs oracle {m['oracle_mae']:.2f}" if "oracle_mae" in m else ""
     lines.append(f"  out-of-fold MAE {m['overall']['mae']:.2f} years{oracle}{ratio}")
+    if m.get("informative") is False:
+        lines.append(f"  WARNING: uninformative model: {m['informative_reason']}")
     for name, r in rec.get("methods", {}).items():
         top = ", ".join(r.get("top_regions", [])[: r.get("k", 0)])
         lines.append(

@@ -59,6 +59,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Train a k-fold 3D CNN age regressor with out-of-fold predictions."""
+    from bodyage.accuracy import accuracy_text
     from bodyage.errors import InputError
     from bodyage.train import TrainConfig, parse_grid, train_run
 
@@ -94,11 +95,12 @@ def train(
     if not result.metrics:  # a non-zero torchrun rank
         return
     m = result.metrics
-    line = f"{result.n_scans} scans, {folds} folds: out-of-fold MAE {m['overall']['mae']:.2f} years"
-    line += f" (bias-corrected {m['overall_corrected']['mae']:.2f}, r {m['overall']['pearson_r']:.3f})"
+    line = f"{result.n_scans} scans, {folds} folds: {accuracy_text(m)}"
     if "mae_ratio" in m:
         line += f"; oracle MAE {m['oracle_mae']:.2f}, ratio {m['mae_ratio']:.2f}"
     typer.echo(line)
+    if not m["informative"]:
+        typer.echo(f"WARNING: uninformative model, the age gap is not biological ageing: {m['informative_reason']}")
     extra = f"{result.folds_skipped} fold(s) reused from an earlier run; " if result.folds_skipped else ""
     typer.echo(
         f"{extra}{result.n_failed} scan(s) in failures.csv; {result.minutes:.1f} min in {result.training_dtype}; "
