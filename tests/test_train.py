@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from bodyage.accuracy import baseline_predictions, informative
 from bodyage.errors import CheckpointError, InputError, RunError
 from bodyage.folds import BiasCorrection, assign_folds, inner_split, regression_metrics
 from bodyage.train import TrainConfig, load_fold_model, parse_grid, train_run
@@ -139,6 +140,17 @@ def test_run_writes_every_output(tiny_run: Path, tiny_study: Path) -> None:
         assert (tiny_run / "figures" / f"{stem}.png").stat().st_size > 1000
     record = json.loads((tiny_run / "run.json").read_text())
     assert record["command"] == "train" and record["config_hash"]
+
+
+def test_metrics_json_has_the_baseline_and_no_corrected_accuracy(tiny_run: Path) -> None:
+    # the corrected predictions use the true age: their MAE is not accuracy (issue 15)
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert "overall_corrected" not in metrics
+    preds = pd.read_parquet(tiny_run / "predictions.parquet")
+    base = baseline_predictions(preds["age"], preds["fold"])
+    assert metrics["baseline_mae"] == pytest.approx(float(np.abs(base - preds["age"]).mean()))
+    assert isinstance(metrics["informative"], bool)
+    assert (metrics["informative"], metrics["informative_reason"]) == informative(metrics)
 
 
 def test_out_of_fold_predictions_come_from_the_fold_model(tiny_run: Path, tiny_study: Path) -> None:
