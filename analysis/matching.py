@@ -153,24 +153,49 @@ def standardised_mean_difference(a: npt.ArrayLike, b: npt.ArrayLike, *, binary: 
 
 def balance_table(
     data: pd.DataFrame,
-    cohort: IntArray,
+    cohort_before: IntArray,
     reference_before: IntArray,
-    reference_after: IntArray | None,
     variables: Sequence[str],
+    cohort_after: IntArray | None = None,
+    reference_after: IntArray | None = None,
 ) -> pd.DataFrame:
-    """Covariate balance before and after matching.
+    """Covariate balance of the groups before and after matching.
+
+    Parameters
+    ----------
+    data
+        Table holding the variables.
+    cohort_before, reference_before
+        Positions of the groups as selected, before matching (members with a missing
+        matching variable included: each variable's mean skips its own missing values).
+    variables
+        Columns to describe.
+    cohort_after, reference_after
+        Positions of the matched groups; ``None``: no matching.
 
     Returns
     -------
     pandas.DataFrame
         One row per numeric variable, and per level of a text variable (its share; for
-        two levels only the second): ``variable``, ``level``, ``cohort_mean``,
-        ``reference_mean_before``, ``reference_mean_after``, ``smd_before``,
-        ``smd_after`` (NaN ``*_after`` without matching). ``|SMD| < 0.1`` is the usual
-        threshold of good balance.
+        two levels only the second): ``variable``, ``level``, ``cohort_mean_before``,
+        ``reference_mean_before``, ``smd_before``, ``cohort_mean_after``,
+        ``reference_mean_after``, ``smd_after`` (NaN ``*_after`` without matching).
+        ``|SMD| < 0.1`` is the usual threshold of good balance.
     """
+    empty = np.array([], dtype=np.intp)
+    c_after = cohort_after if cohort_after is not None else empty
+    r_after = reference_after if reference_after is not None else empty
+
+    def mean(values: np.ndarray, idx: IntArray) -> float:
+        part = values[idx]
+        return float(np.nanmean(part)) if np.isfinite(part).any() else float("nan")
+
+    def smd(values: np.ndarray, a: IntArray, b: IntArray, binary: bool) -> float:
+        if not (len(a) and len(b)):
+            return float("nan")
+        return standardised_mean_difference(values[a], values[b], binary=binary)
+
     rows = []
-    after = reference_after if reference_after is not None else np.array([], dtype=np.intp)
     for var in dict.fromkeys(variables):
         col = data[var]
         if _is_exact(col):
@@ -185,13 +210,12 @@ def balance_table(
                 {
                     "variable": var,
                     "level": level,
-                    "cohort_mean": float(np.nanmean(values[cohort])) if len(cohort) else np.nan,
-                    "reference_mean_before": float(np.nanmean(values[reference_before])),
-                    "reference_mean_after": float(np.nanmean(values[after])) if len(after) else np.nan,
-                    "smd_before": standardised_mean_difference(values[cohort], values[reference_before], binary=binary),
-                    "smd_after": standardised_mean_difference(values[cohort], values[after], binary=binary)
-                    if len(after)
-                    else np.nan,
+                    "cohort_mean_before": mean(values, cohort_before),
+                    "reference_mean_before": mean(values, reference_before),
+                    "smd_before": smd(values, cohort_before, reference_before, binary),
+                    "cohort_mean_after": mean(values, c_after),
+                    "reference_mean_after": mean(values, r_after),
+                    "smd_after": smd(values, c_after, r_after, binary),
                 }
             )
     return pd.DataFrame(rows)

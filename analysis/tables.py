@@ -302,7 +302,12 @@ def gap_correlation_table(res: pd.DataFrame, method: str, alpha: float) -> tuple
 def comparison_table(
     tests: pd.DataFrame, alpha: float, *, cohort: str, reference: str, test: str
 ) -> tuple[pd.DataFrame, LatexTable]:
-    """LaTeX view of :attr:`analysis.compare.ComparisonResult.tests`: the gaps, then significant regions."""
+    """LaTeX view of :attr:`analysis.compare.ComparisonResult.tests`: the gaps, then significant regions.
+
+    With the Mann–Whitney test the rank-biserial correlation and its CI sit beside Hedges' g.
+    """
+    from analysis.compare import UNCORRECTED_GAP
+
     gaps = tests[tests["region"] == ""]
     regions = tests[tests["region"] != ""]
     shown, selection = _select_rows(regions, alpha, "region", "comparison_tests.csv") if len(regions) else (regions, "")
@@ -317,45 +322,85 @@ def comparison_table(
         "Age gap (years)",
         view["method"] + " (" + np.where(share, "share, percentage points", view["metric"]) + ")",
     )
-    test_text = "Welch's t-test" if test == "welch" else "Mann--Whitney U test"
+    mwu = test != "welch"
+    test_text = "Mann--Whitney U test" if mwu else "Welch's t-test"
+    columns = [
+        Column("Outcome", "what", "text"),
+        Column("n", "n_both", "text"),
+        Column("Difference", "difference", digits=None),
+        Column("g", "hedges_g", digits=2, group="Hedges' g"),
+        Column("95% CI", "g_ci_low", "ci", digits=2, high="g_ci_high", group="Hedges' g"),
+    ]
+    if mwu:
+        columns += [
+            Column("r", "rank_biserial", digits=2, group="Rank-biserial r"),
+            Column("95% CI", "rbc_ci_low", "ci", digits=2, high="rbc_ci_high", group="Rank-biserial r"),
+        ]
+    columns.append(Column("q", "q", "p", stars="q"))
+    notes = [
+        f"{test_text}; n: cohort/reference; difference of means (cohort minus reference). "
+        "Hedges' g with a 95% CI from its large-sample standard error and a t quantile on n1 + n2 - 2 degrees "
+        "of freedom (pingouin compute_esci; not the noncentral t)"
+        + (
+            "; rank-biserial r = 2U/(n1 n2) - 1 (positive: the cohort tends to be larger) with a 95% CI from "
+            "DeLong's variance of U/(n1 n2) on Fisher's z scale. "
+            if mwu
+            else ". "
+        )
+        + "p-values are in comparison_tests.csv; q: Benjamini--Hochberg within the age gaps and within the regions "
+        "of each method. Mass is in years.",
+    ]
+    if (gaps["outcome"] == UNCORRECTED_GAP).any():
+        notes.append(
+            f"The {UNCORRECTED_GAP} row is the ANCOVA gap ~ group + age + age squared over both groups (OLS, "
+            "HC2 standard error, t on n - 4 degrees of freedom) whatever the test above: its difference is the "
+            "groups' gap difference at equal age (the raw gap falls with age, so groups of different ages differ "
+            "in it without any effect), its g that difference over the residual SD."
+        )
     table = LatexTable(
-        columns=(
-            Column("Outcome", "what", "text"),
-            Column("n", "n_both", "text"),
-            Column("Difference", "difference", digits=None),
-            Column("Hedges' g", "hedges_g", digits=2),
-            Column("95% CI", "g_ci_low", "ci", digits=2, high="g_ci_high"),
-            Column("q", "q", "p", stars="q"),
-        ),
+        columns=tuple(columns),
         caption=f"Cohort comparison: {cohort} vs {reference}",
         label=label("comparison_tests"),
-        notes=(
-            f"{test_text}; n: cohort/reference; difference of means (cohort minus reference) and Hedges' g with "
-            "95% CI; p-values are in comparison_tests.csv; q: "
-            "Benjamini--Hochberg within the age gaps and within the regions of each method. Mass is in years.",
-            *([selection] if selection else []),
-        ),
+        notes=(*notes, *([selection] if selection else [])),
         section="block",
     )
     return view, table
 
 
 def balance_latex(balance: pd.DataFrame, *, matched: Sequence[str]) -> tuple[pd.DataFrame, LatexTable]:
-    """LaTeX view of :func:`analysis.matching.balance_table`."""
+    """LaTeX view of :func:`analysis.matching.balance_table`.
+
+    "Before" describes every subject the filters selected (one scan each), "after" the
+    matched groups; without matching only "before" is shown.
+    """
     view = balance.copy()
     view["what"] = np.where(view["level"] == "", view["variable"], view["variable"] + " = " + view["level"])
-    how = f"nearest-neighbour matching on {', '.join(matched)} without replacement" if matched else "no matching"
+    columns = [
+        Column("Variable", "what", "text"),
+        Column("Cohort", "cohort_mean_before", digits=2, group="Before matching"),
+        Column("Reference", "reference_mean_before", digits=2, group="Before matching"),
+        Column("SMD", "smd_before", digits=2, group="Before matching"),
+    ]
+    if matched:
+        how = f"nearest-neighbour matching on {', '.join(matched)} without replacement"
+        columns += [
+            Column("Cohort", "cohort_mean_after", digits=2, group="After matching"),
+            Column("Reference", "reference_mean_after", digits=2, group="After matching"),
+            Column("SMD", "smd_after", digits=2, group="After matching"),
+        ]
+        what = (
+            f"Means (shares for text variables) and standardised mean differences (SMD) of the groups the filters "
+            f"selected (one scan per subject) and of the groups kept by {how}; |SMD| < 0.1 is good balance."
+        )
+    else:
+        what = (
+            "Means (shares for text variables) and standardised mean differences (SMD) of the groups the filters "
+            "selected (one scan per subject); no matching. |SMD| < 0.1 is good balance."
+        )
     table = LatexTable(
-        columns=(
-            Column("Variable", "what", "text"),
-            Column("Cohort", "cohort_mean", digits=2, group="Mean or share"),
-            Column("Reference", "reference_mean_before", digits=2, group="Mean or share"),
-            Column("Matched", "reference_mean_after", digits=2, group="Mean or share"),
-            Column("Before", "smd_before", digits=2, group="SMD"),
-            Column("After", "smd_after", digits=2, group="SMD"),
-        ),
+        columns=tuple(columns),
         caption="Covariate balance of the cohort comparison",
         label=label("comparison_balance"),
-        notes=(f"Standardised mean differences (SMD) before and after {how}; |SMD| < 0.1 is good balance.",),
+        notes=(what,),
     )
     return view, table

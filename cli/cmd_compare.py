@@ -67,9 +67,10 @@ def compare(
     )
     gaps = result.tests[result.tests["region"] == ""]
     for _, row in gaps.iterrows():
+        rbc = f", rank-biserial r {row['rank_biserial']:.2f}" if result.test == "mannwhitney" else ""
         typer.echo(
             f"{row['outcome']}: difference {row['difference']:+.2f} y, "
-            f"Hedges' g {row['hedges_g']:.2f}, q {row['q']:.3g}"
+            f"Hedges' g {row['hedges_g']:.2f}{rbc}, q {row['q']:.3g}"
         )
     regions = result.significant(alpha)
     regions = regions[regions["region"] != ""]
