@@ -14,9 +14,15 @@ Model form, chosen to stay fast at 40,000 subjects:
   single subject intercept is solved exactly and fast (:mod:`analysis.mixed`, ``auto``).
 - ``group=None``: no site term; a subject intercept with repeats, OLS without.
 
-Rows with a missing phenotype (or covariate) value are excluded from that phenotype's
-model and counted (``n_missing_phenotype``, ``n_missing_other``); the joint model uses the
-scans with every phenotype present.
+Covariates: age (with age²) and sex are in every model unless ``default_covariates`` is
+false; ``covariates`` adds columns to them (:func:`resolve_covariates`). The ``covariates``
+column of every result names the covariates actually used.
+
+Rows with a missing phenotype, covariate or group value are excluded from that model and
+counted by reason (:func:`analysis.design.build_design`: ``n_missing_phenotype``,
+``n_missing_covariate`` with ``missing_by_covariate``, ``n_missing_group``,
+``n_missing_other``); the joint model uses the scans with every phenotype present.
+:func:`phenotype_exclusions` collects the counts for ``stats/run.json``.
 """
 
 from __future__ import annotations
@@ -34,9 +40,13 @@ from analysis.agegap import GapCorrectionResult, correct_gap
 from analysis.design import (
     DEFAULT_COVARIATES,
     DEFAULT_GROUP,
+    EXCLUSION_COLUMNS,
     build_design,
     check_columns,
     covariate_block,
+    exclusion_columns,
+    exclusions_by,
+    exclusions_of,
     is_binary,
     numeric_values,
 )
@@ -56,13 +66,13 @@ PHENOTYPE_MODEL_COLUMNS: list[str] = [
     "per",
     "phenotype_sd",
     "n",
-    "n_missing_phenotype",
-    "n_missing_other",
+    *EXCLUSION_COLUMNS,
     "estimate",
     "se",
     "ci_low",
     "ci_high",
     "stat",
+    "df",
     "p",
     "q",
     "random_effect",
@@ -76,6 +86,7 @@ PHENOTYPE_MODEL_COLUMNS: list[str] = [
     "warning",
     "correction",
     "covariates",
+    "df_note",
 ]
 
 
@@ -165,12 +176,28 @@ def resolve_phenotypes(tables: RunTables, phenotypes: Sequence[str] | None) -> l
 
 
 def resolve_covariates(
-    tables: RunTables, covariates: Sequence[str] | None, phenotypes: Sequence[str]
+    tables: RunTables,
+    covariates: Sequence[str] | None,
+    phenotypes: Sequence[str],
+    *,
+    default_covariates: bool = True,
 ) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """Return the coded covariate columns and the covariate names used.
 
-    Given covariates are checked strictly. With ``None`` the defaults (age, sex) are used;
-    a default that is constant (e.g. sex in a one-sex cohort) is left out with a warning.
+    The defaults (age, which brings age², and sex) come first unless ``default_covariates``
+    is false; given covariates are added to them, never replace them (DESIGN.md §7 keeps
+    age in every gap model: replacing it let a phenotype correlated with age stand in for
+    the age bias of an uncorrected gap). A default that is constant (e.g. sex in a one-sex
+    cohort) is left out with a warning; given covariates are checked strictly.
+
+    Parameters
+    ----------
+    covariates
+        Columns added to the defaults; ``None`` or empty: the defaults only.
+    phenotypes
+        The phenotypes modelled (a default that is one of them is left out).
+    default_covariates
+        Include age, age² and sex. With ``False`` only ``covariates`` are used (possibly none).
 
     Raises
     ------
@@ -178,23 +205,63 @@ def resolve_covariates(
         If a given covariate is not a column, has no values, is constant, or is also a phenotype.
     """
     scans = tables.scans
-    if covariates is not None:
-        names = tuple(dict.fromkeys(covariates))
-        clash = [c for c in names if c in phenotypes]
-        if clash:
-            raise InputError(f"covariate {clash[0]!r} is also a phenotype")
-        return covariate_block(scans, names), names
-    kept: list[str] = []
-    for name in DEFAULT_COVARIATES:
+    given = tuple(dict.fromkeys(covariates or ()))
+    clash = [c for c in given if c in phenotypes]
+    if clash:
+        raise InputError(f"covariate {clash[0]!r} is also a phenotype")
+    names: list[str] = []
+    for name in DEFAULT_COVARIATES if default_covariates else ():
         if name in phenotypes:
+            continue
+        if name in given:  # also given: checked strictly below
+            names.append(name)
             continue
         try:
             covariate_block(scans, [name])
         except InputError as err:
             warnings.warn(f"default covariate left out: {err}", BodyageWarning, stacklevel=3)
         else:
-            kept.append(name)
-    return covariate_block(scans, kept), tuple(kept)
+            names.append(name)
+    names += [n for n in given if n not in names]
+    return covariate_block(scans, names), tuple(names)
+
+
+def phenotype_exclusions(res: pd.DataFrame) -> dict[str, dict[str, dict[str, int]]]:
+    """Scans left out of each phenotype model, by reason (for ``stats/run.json``).
+
+    Parameters
+    ----------
+    res
+        Output of :func:`phenotype_models`.
+
+    Returns
+    -------
+    dict
+        ``{"separate": {phenotype: {reason: n}}, "joint": {reason: n}}`` (``"joint"`` only
+        when the joint model ran); reasons as in :func:`analysis.design.exclusions_of`.
+    """
+    out = {"separate": exclusions_by(res[res["model"] == "separate"], "phenotype")}
+    joint = res[res["model"] == "joint"]
+    if len(joint):
+        out["joint"] = {"all phenotypes": exclusions_of(joint.iloc[0])}
+    return out
+
+
+def _term(fit: LinearFit, name: str) -> dict[str, float]:
+    """``fit.term(name)`` with its t test's ``df`` (Satterthwaite, or n − p for OLS); NaN for a z test."""
+    term = fit.term(name)
+    df = term.get("df", getattr(fit, "df_resid", None))
+    return {**term, "df": float(df) if df is not None and np.isfinite(df) else float("nan")}
+
+
+def _df_note(fit: LinearFit) -> str:
+    """How the fit's tests were made (its ``df_note`` where it has one)."""
+    note = getattr(fit, "df_note", "")
+    if note:
+        return str(note)
+    if getattr(fit, "df_resid", None) is not None:
+        return "t tests with the residual degrees of freedom (n minus the number of terms)"
+    return "Wald z tests (normal approximation)"
 
 
 def _fit(
@@ -210,6 +277,7 @@ def phenotype_models(
     *,
     phenotypes: Sequence[str] | None = None,
     covariates: Sequence[str] | None = None,
+    default_covariates: bool = True,
     group: str | None = DEFAULT_GROUP,
     correction: GapCorrection = "train",
     engine: MixedEngine = "auto",
@@ -226,7 +294,9 @@ def phenotype_models(
     phenotypes
         Phenotype columns; ``None``: every non-reserved cohort column (DESIGN.md §4).
     covariates
-        Covariate columns; ``None``: age and sex. ``age`` adds ``age²``.
+        Covariate columns added to the defaults (:func:`resolve_covariates`). ``age`` brings ``age²``.
+    default_covariates
+        Adjust for age, age² and sex (default). ``False`` leaves only ``covariates``.
     group
         Grouping column (random intercept or fixed effects, see the module docstring), or ``None``.
     correction
@@ -245,12 +315,15 @@ def phenotype_models(
     pandas.DataFrame
         One row per (``model``, ``phenotype``), ``model`` ``"separate"`` or ``"joint"``:
         ``kind`` (binary/continuous), ``per`` (``"1 vs 0"`` or ``"per unit"``),
-        ``phenotype_sd``, ``n``, ``n_missing_phenotype``, ``n_missing_other``, ``estimate``
-        (years of corrected gap), ``se``, ``ci_low``, ``ci_high`` (95%), ``stat`` (z, or t
-        for OLS), ``p``, ``q`` (Benjamini–Hochberg over the phenotypes of that model),
-        ``random_effect``, ``fixed_effects``, ``n_groups``, ``group_var``, ``resid_var``,
-        ``boundary``, ``converged``, ``engine``, ``warning`` (text, empty if none),
-        ``correction``, ``covariates``.
+        ``phenotype_sd``, ``n``, the scans left out by reason (``n_missing_phenotype``,
+        ``n_missing_covariate`` and per covariate ``missing_by_covariate`` as a JSON object,
+        ``n_missing_group``, ``n_missing_other``), ``estimate`` (years of corrected gap),
+        ``se``, ``ci_low``, ``ci_high`` (95%), ``stat`` (z, or t), ``df`` (the t test's
+        degrees of freedom; NaN for z), ``p``, ``q`` (Benjamini–Hochberg over the
+        phenotypes of that model), ``random_effect``, ``fixed_effects``, ``n_groups``,
+        ``group_var``, ``resid_var``, ``boundary``, ``converged``, ``engine``, ``warning``
+        (text, empty if none), ``correction``, ``covariates`` (names used, ``", "``-joined;
+        age brings age²), ``df_note`` (how the tests were made: z or t and which df).
 
     Raises
     ------
@@ -267,7 +340,7 @@ def phenotype_models(
     gap = gap or correct_gap(tables, correction)
     scans = gap.scans
     phenos = resolve_phenotypes(tables, phenotypes)
-    cov, cov_names = resolve_covariates(tables, covariates, phenos)
+    cov, cov_names = resolve_covariates(tables, covariates, phenos, default_covariates=default_covariates)
     form = model_form(tables, group)
     sets: list[tuple[str, list[str]]] = [("separate", [p]) for p in phenos]
     if joint and len(phenos) > 1:
@@ -275,7 +348,9 @@ def phenotype_models(
     task = progress.task("phenotype models", total=len(sets))
     rows: list[dict[str, object]] = []
     for model, names in sets:
-        design = build_design(scans, names, cov, fixed_group=form.fixed_group, outcome=scans["gap"])
+        design = build_design(
+            scans, names, cov, fixed_group=form.fixed_group, random_group=form.random, outcome=scans["gap"]
+        )
         y = scans["gap"].to_numpy(float)[design.rows]
         groups = scans[form.random].to_numpy()[design.rows] if form.random is not None else None
         fit = _fit(y, design.X, design.names, groups, form, engine)
@@ -293,9 +368,8 @@ def phenotype_models(
                     "per": "1 vs 0" if binary else "per unit",
                     "phenotype_sd": float(values.std()),
                     "n": design.n,
-                    "n_missing_phenotype": design.n_missing_phenotype,
-                    "n_missing_other": design.n_missing_other,
-                    **fit.term(name),
+                    **exclusion_columns(design),
+                    **_term(fit, name),
                     "random_effect": fit.group or "",
                     "fixed_effects": form.fixed_group or "",
                     "n_groups": fit.n_groups,
@@ -307,6 +381,7 @@ def phenotype_models(
                     "warning": "; ".join(notes),
                     "correction": gap.correction,
                     "covariates": ", ".join(cov_names),
+                    "df_note": _df_note(fit),
                 }
             )
         if not fit.converged or any("refitted" in w for w in fit.warnings):

@@ -51,7 +51,14 @@ from analysis._typing import (
     default_metric,
 )
 from analysis.agegap import GapCorrectionResult, correct_gap
-from analysis.design import DEFAULT_GROUP, build_design, is_binary, numeric_values
+from analysis.design import (
+    DEFAULT_GROUP,
+    EXCLUSION_COLUMNS,
+    build_design,
+    exclusion_columns,
+    is_binary,
+    numeric_values,
+)
 from analysis.fdr import benjamini_hochberg
 from analysis.ols import ols_many
 from analysis.phenotypes import model_form, resolve_covariates, resolve_phenotypes
@@ -73,7 +80,7 @@ REGION_MODEL_COLUMNS: list[str] = [
     "kind",
     "per",
     "n",
-    "n_missing_phenotype",
+    *EXCLUSION_COLUMNS,
     "estimate",
     "se",
     "ci_low",
@@ -207,6 +214,7 @@ def region_models(
     *,
     phenotypes: Sequence[str] | None = None,
     covariates: Sequence[str] | None = None,
+    default_covariates: bool = True,
     group: str | None = DEFAULT_GROUP,
     metric: RegionMetric | None = None,
     methods: Sequence[str] | None = None,
@@ -223,7 +231,7 @@ def region_models(
     ----------
     run
         Run tables or a run folder.
-    phenotypes, covariates, group
+    phenotypes, covariates, default_covariates, group
         As :func:`analysis.phenotypes.phenotype_models` (``group`` enters as fixed effects).
     metric
         Importance column; ``None``: each method's default.
@@ -271,7 +279,7 @@ def region_models(
     progress = progress or NO_PROGRESS
     meths = resolve_methods(tables, methods)
     phenos = resolve_phenotypes(tables, phenotypes)
-    cov, cov_names = resolve_covariates(tables, covariates, phenos)
+    cov, cov_names = resolve_covariates(tables, covariates, phenos, default_covariates=default_covariates)
     form = model_form(tables, group)
     scans = tables.scans
     designs = {p: build_design(scans, [p], cov, fixed_group=group) for p in phenos}
@@ -305,7 +313,7 @@ def region_models(
                         "kind": "binary" if binary else "continuous",
                         "per": "1 vs 0" if binary else "per unit",
                         "n": res.n,
-                        "n_missing_phenotype": d.n_missing_phenotype,
+                        **exclusion_columns(d),
                         "estimate": res.estimate,
                         "se": res.se,
                         "ci_low": res.ci_low,
@@ -362,6 +370,7 @@ def joint_region_model(
     *,
     phenotypes: Sequence[str] | None = None,
     covariates: Sequence[str] | None = None,
+    default_covariates: bool = True,
     group: str | None = DEFAULT_GROUP,
     metric: RegionMetric | None = None,
     methods: Sequence[str] | None = None,
@@ -389,6 +398,7 @@ def joint_region_model(
         tables,
         phenotypes=phenotypes,
         covariates=covariates,
+        default_covariates=default_covariates,
         group=group,
         metric=metric,
         methods=methods,
@@ -399,7 +409,9 @@ def joint_region_model(
         centred=True,
         progress=progress,
     )
-    whole = _whole_body(tables, phenotypes, covariates, group, metric, methods, level, grouping, alpha)
+    whole = _whole_body(
+        tables, phenotypes, covariates, default_covariates, group, metric, methods, level, grouping, alpha
+    )
     return pd.concat([whole, shifts], ignore_index=True)[REGION_MODEL_COLUMNS]
 
 
@@ -407,6 +419,7 @@ def _whole_body(
     tables: RunTables,
     phenotypes: Sequence[str] | None,
     covariates: Sequence[str] | None,
+    default_covariates: bool,
     group: str | None,
     metric: RegionMetric | None,
     methods: Sequence[str] | None,
@@ -415,7 +428,7 @@ def _whole_body(
     alpha: float,
 ) -> pd.DataFrame:
     phenos = resolve_phenotypes(tables, phenotypes)
-    cov, cov_names = resolve_covariates(tables, covariates, phenos)
+    cov, cov_names = resolve_covariates(tables, covariates, phenos, default_covariates=default_covariates)
     form = model_form(tables, group)
     scans = tables.scans
     clusters = scans[form.cluster].to_numpy() if form.cluster else None
@@ -447,7 +460,7 @@ def _whole_body(
                     "kind": "binary" if binary else "continuous",
                     "per": "1 vs 0" if binary else "per unit",
                     "n": int(res.n[0]),
-                    "n_missing_phenotype": d.n_missing_phenotype,
+                    **exclusion_columns(d),
                     "estimate": res.estimate[0],
                     "se": res.se[0],
                     "ci_low": res.ci_low[0],
@@ -474,6 +487,7 @@ def region_gap_correlations(
     run: RunTables | str | os.PathLike[str],
     *,
     covariates: Sequence[str] | None = None,
+    default_covariates: bool = True,
     correction: GapCorrection = "train",
     metric: RegionMetric | None = None,
     methods: Sequence[str] | None = None,
@@ -485,9 +499,10 @@ def region_gap_correlations(
 ) -> pd.DataFrame:
     """Partial correlation of each region's importance with the corrected age gap.
 
-    pingouin ``partial_corr`` (Pearson) controlling for the covariates (default age, age²,
-    sex), on each subject's first scan (scans of one subject are not independent);
-    Benjamini–Hochberg over the regions of each method.
+    pingouin ``partial_corr`` (Pearson) controlling for the covariates (age, age² and sex
+    unless ``default_covariates`` is false, plus ``covariates``), on each subject's first
+    scan (scans of one subject are not independent); Benjamini–Hochberg over the regions
+    of each method.
 
     Returns
     -------
@@ -501,7 +516,7 @@ def region_gap_correlations(
     progress = progress or NO_PROGRESS
     gap = gap or correct_gap(tables, correction)
     scans = gap.scans
-    cov, cov_names = resolve_covariates(tables, covariates, [])
+    cov, cov_names = resolve_covariates(tables, covariates, [], default_covariates=default_covariates)
     first = _first_visits(scans)
     meths = resolve_methods(tables, methods)
     task = progress.task("gap correlations", total=len(meths))

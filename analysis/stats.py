@@ -34,8 +34,8 @@ import pandas as pd
 from analysis import stats_record
 from analysis._typing import FdrFamily, GapCorrection, MixedEngine, RegionLevel, RegionMetric
 from analysis.agegap import GapCorrectionResult, age_accuracy, correct_gap, gap_note
-from analysis.design import DEFAULT_GROUP
-from analysis.phenotypes import phenotype_models
+from analysis.design import DEFAULT_GROUP, exclusions_by
+from analysis.phenotypes import phenotype_exclusions, phenotype_models
 from analysis.regionmodels import ALPHA, joint_region_model, region_gap_correlations, region_models
 from analysis.run import ATTRIBUTIONS_FILE, COHORT_FILE, FIGURES_DIR, PREDICTIONS_FILE, STATS_DIR, RunTables, as_run
 from bodyage.errors import BodyageWarning, InputError
@@ -122,6 +122,7 @@ def run_stats(
     *,
     phenotypes: Sequence[str] | None = None,
     covariates: Sequence[str] | None = None,
+    default_covariates: bool = True,
     group: str | None = DEFAULT_GROUP,
     metric: RegionMetric | None = None,
     correction: GapCorrection = "train",
@@ -141,8 +142,9 @@ def run_stats(
     ----------
     run
         Run folder or tables.
-    phenotypes, covariates, group
-        See :func:`analysis.phenotypes.phenotype_models` (defaults of DESIGN.md §4).
+    phenotypes, covariates, default_covariates, group
+        See :func:`analysis.phenotypes.phenotype_models`: ``covariates`` are added to age,
+        age² and sex unless ``default_covariates`` is false.
     metric, methods, level, grouping
         See :func:`analysis.regionmodels.region_models`.
     correction
@@ -183,6 +185,7 @@ def run_stats(
         "run": str(tables.root) if tables.root else None,
         "phenotypes": list(phenotypes) if phenotypes is not None else None,
         "covariates": list(covariates) if covariates is not None else None,
+        "default_covariates": default_covariates,
         "group": group,
         "metric": metric,
         "correction": correction,
@@ -221,6 +224,7 @@ def run_stats(
             tables,
             phenotypes=phenotypes,
             covariates=covariates,
+            default_covariates=default_covariates,
             group=group,
             engine=engine,
             gap=gap,
@@ -237,6 +241,7 @@ def run_stats(
         region_args = {
             "phenotypes": phenos,
             "covariates": covariates,
+            "default_covariates": default_covariates,
             "group": group,
             "metric": metric,
             "methods": methods,
@@ -252,6 +257,7 @@ def run_stats(
             corr = region_gap_correlations(
                 tables,
                 covariates=covariates,
+                default_covariates=default_covariates,
                 metric=metric,
                 methods=methods,
                 level=level,
@@ -296,6 +302,10 @@ def run_stats(
             removed=removed,
             phenotypes=phenos,
             n_scans=len(gap.scans),
+            exclusions={
+                "phenotype_models": phenotype_exclusions(pheno),
+                **({} if regions is None else {"region_models": exclusions_by(regions, "phenotype")}),
+            },
         ),
     )
     written.append(record_path)

@@ -21,8 +21,19 @@ def stats(
     ] = None,
     covariate: Annotated[
         Optional[list[str]],
-        typer.Option("--covariate", help="Covariate column (repeatable). Default: age (with age²) and sex."),
+        typer.Option(
+            "--covariate",
+            help="Covariate column added to age (with age²) and sex (repeatable); see --no-default-covariates.",
+        ),
     ] = None,
+    default_covariates: Annotated[
+        bool,
+        typer.Option(
+            "--default-covariates/--no-default-covariates",
+            help="Adjust every model for age, age² and sex; --no-default-covariates leaves only the --covariate "
+            "columns.",
+        ),
+    ] = True,
     group: Annotated[
         str, typer.Option("--group", help="Site-like grouping column (random intercept or fixed effects); 'none'.")
     ] = "site",
@@ -63,6 +74,7 @@ def stats(
             run,
             phenotypes=phenotype,
             covariates=covariate,
+            default_covariates=default_covariates,
             group=None if group.lower() == "none" else group,
             metric=metric,
             correction=correction,

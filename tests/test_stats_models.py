@@ -180,7 +180,7 @@ def test_joint_region_model_matches_statsmodels_mixedlm() -> None:
     """Balanced data: region-specific effects equal the long MixedLM's interactions."""
     frames = make_tables(60, seed=3, regions=("liver", "spleen", "pancreas", "torso_fat"), methods=("ablation",))
     tables = _tables(frames)
-    res = joint_region_model(tables, phenotypes=["diabetes"], covariates=["age"], group=None)
+    res = joint_region_model(tables, phenotypes=["diabetes"], covariates=["age"], default_covariates=False, group=None)
     shift = res[res["region"] != WHOLE_BODY].set_index("region")["estimate"]
     whole = float(res.loc[res["region"] == WHOLE_BODY, "estimate"].iloc[0])
     scans = tables.scans.set_index("scan_id")

@@ -85,7 +85,7 @@ def test_tables_round_trip_and_name_no_participant(run_dir: Path, result: StatsR
 
 def test_missing_phenotype_rows_are_counted_in_the_notes(run_dir: Path, result: StatsResult) -> None:
     tex = (run_dir / "stats" / "phenotype_models.tex").read_text()
-    assert "Scans excluded for a missing phenotype value: bmi: 4." in tex
+    assert "Scans excluded: bmi 4 (missing phenotype); the joint model 4 (missing phenotype); none from" in tex
     sep = result.phenotypes[result.phenotypes["model"] == "separate"].set_index("phenotype")
     assert sep.at["bmi", "n_missing_phenotype"] == 4
 
