@@ -18,7 +18,8 @@ RegionMetric = Literal["mass", "share", "enrichment", "density", "abs_mass"]
 GroupTest = Literal["welch", "mannwhitney"]
 #: regions one by one, or the named groups of :data:`bodyage.regions.REGION_GROUPS`
 RegionLevel = Literal["region", "group"]
-#: solver of the random-intercept model (see :mod:`analysis.mixed`)
+#: solver of the random-intercept model (see :mod:`analysis.mixed`): ``auto`` is the exact
+#: REML solver (lme4's fit, Satterthwaite df); ``statsmodels`` is MixedLM with z-tests, opt-in
 MixedEngine = Literal["auto", "statsmodels", "reml"]
 #: the tests one Benjamini–Hochberg correction of the region models spans
 FdrFamily = Literal["method", "phenotype"]
