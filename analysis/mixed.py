@@ -24,8 +24,7 @@ Solvers (``engine``):
     kept as text. On failure the model is refitted with the REML solver and the reason is
     recorded. Its fixed-effect standard errors come from the joint Hessian of all
     parameters and differ from lme4's where the site variance is poorly determined (20 %
-    too small on a 4-site fit at the boundary, 28 % too large for a phenotype that varies
-    between sites; ``tests/fixtures/lme4``).
+    too small on a 4-site fit at the boundary, ``tests/fixtures/lme4``).
 
 A random-intercept variance on the boundary (``σ²_u ≈ 0``) is flagged
 (:attr:`LinearFit.boundary`) with a warning text: the fixed effects and their standard
