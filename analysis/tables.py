@@ -9,7 +9,7 @@ notes. No table carries participant ids.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +17,15 @@ import numpy as np
 import pandas as pd
 
 from analysis.agegap import gap_note
+from analysis.design import (
+    MISSING_COVARIATE,
+    MISSING_GROUP,
+    MISSING_PHENOTYPE,
+    OTHER,
+    covariate_list,
+    exclusions_by,
+    exclusions_of,
+)
 from analysis.latex import Column, LatexTable, write_latex
 from analysis.regionmodels import WHOLE_BODY
 
@@ -78,12 +87,79 @@ def with_note(table: LatexTable, note: str) -> LatexTable:
     return replace(table, notes=(note, *table.notes)) if note else table
 
 
-def missing_note(n_missing: dict[str, int]) -> str:
-    """Sentence counting scans excluded for missing values, per phenotype ('' if none)."""
-    parts = [f"{k}: {v}" for k, v in n_missing.items() if v]
+_REASONS = {
+    MISSING_PHENOTYPE: "missing phenotype",
+    MISSING_COVARIATE.rstrip(":"): "missing covariate",
+    MISSING_GROUP: "missing group",
+    OTHER: "other reasons (e.g. no age gap)",
+}
+
+
+def _reason(key: str) -> str:
+    if key.startswith(MISSING_COVARIATE):
+        return f"missing {key[len(MISSING_COVARIATE) :]}"
+    return _REASONS.get(key, key)
+
+
+def _counted(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{int(v)} ({_reason(k)})" for k, v in counts.items() if v)
+
+
+def _none_text(counts: Sequence[Mapping[str, int]]) -> str:
+    if all({MISSING_PHENOTYPE, MISSING_GROUP, OTHER} <= set(c) for c in counts):
+        return "No scan was excluded."
+    reasons = dict.fromkeys(_reason(k).removeprefix("missing ") for c in counts for k in c)
+    return f"No scan was excluded for a missing {' or '.join(reasons) or 'value'}."
+
+
+def exclusion_note(counts: Mapping[str, int]) -> str:
+    """Sentence counting the scans a model left out, by reason.
+
+    Parameters
+    ----------
+    counts
+        ``{reason: n}`` as :attr:`analysis.design.Design.exclusions` or
+        :func:`analysis.design.exclusions_of` give them (keys ``missing_phenotype``,
+        ``missing_covariate:<name>``, ``missing_group``, ``other``).
+
+    Returns
+    -------
+    str
+        e.g. ``"Scans excluded: 4 (missing phenotype), 19 (missing bmi)."``, or
+        ``"No scan was excluded."`` when every count is 0 (naming the reasons counted when
+        ``counts`` does not cover them all).
+    """
+    text = _counted(counts)
+    return f"Scans excluded: {text}." if text else _none_text([counts])
+
+
+def exclusions_note(by_model: Mapping[str, Mapping[str, int]]) -> str:
+    """Sentence counting the scans left out of each model (e.g. per phenotype), by reason.
+
+    Parameters
+    ----------
+    by_model
+        ``{model name: {reason: n}}`` (reasons as for :func:`exclusion_note`).
+
+    Returns
+    -------
+    str
+        e.g. ``"Scans excluded: bmi 4 (missing phenotype), 19 (missing x); smoking 19
+        (missing x); none from the other models."``
+    """
+    parts = [f"{name} {text}" for name, counts in by_model.items() if (text := _counted(counts))]
     if not parts:
-        return "No scan was excluded for a missing phenotype value."
-    return "Scans excluded for a missing phenotype value: " + ", ".join(parts) + "."
+        return _none_text(list(by_model.values()))
+    rest = "; none from the other models" if len(parts) < len(by_model) else ""
+    return "Scans excluded: " + "; ".join(parts) + rest + "."
+
+
+def missing_note(n_missing: dict[str, int]) -> str:
+    """Sentence counting scans excluded for a missing phenotype value, per phenotype.
+
+    For tables that have only ``n_missing_phenotype``; prefer :func:`exclusions_note`.
+    """
+    return exclusions_note({k: {MISSING_PHENOTYPE: v} for k, v in n_missing.items()})
 
 
 # ----------------------------------------------------------------------------- age gap
@@ -150,8 +226,10 @@ def phenotype_table(res: pd.DataFrame, alpha: float) -> tuple[pd.DataFrame, Late
             notes.append(text)
     view["flag"] = flags
     first = res.iloc[0]
-    re_text = f"random intercept for {first['random_effect']}" if first["random_effect"] else "no random intercept"
+    mixed = bool(first["random_effect"])
+    re_text = f"random intercept for {first['random_effect']}" if mixed else "no random intercept"
     fe_text = f", {first['fixed_effects']} as fixed effects" if first["fixed_effects"] else ""
+    joint = (res["model"] == "joint").any()
     cols = [
         Column("Phenotype", "phenotype", "text"),
         Column("Effect", "per", "text"),
@@ -161,20 +239,26 @@ def phenotype_table(res: pd.DataFrame, alpha: float) -> tuple[pd.DataFrame, Late
         Column("p", "p", "p"),
         Column("q", "q", "p", stars="q"),
     ]
+    if "df" in view and np.isfinite(view["df"].to_numpy(float)).any():
+        cols.insert(5, Column("df", "df", digits=1))
     if (view["flag"] != "--").any():
         cols.append(Column("Flag", "flag", "text"))
-    sep = res[res["model"] == "separate"]
-    n_missing = dict(zip(sep["phenotype"], sep["n_missing_phenotype"], strict=True))
+    df_notes = list(dict.fromkeys(str(t) for t in res.get("df_note", pd.Series(dtype=str)) if t))
+    by_model = exclusions_by(res[res["model"] == "separate"], "phenotype")
+    if joint:
+        by_model["the joint model"] = exclusions_of(res[res["model"] == "joint"].iloc[0])
     table = LatexTable(
         columns=tuple(cols),
         caption="Phenotype effects on the bias-corrected age gap (years)",
         label=label("phenotype_models"),
         notes=(
-            f"Linear mixed models of the corrected age gap ({first['correction']}) on each phenotype alone and on all "
-            f"jointly, adjusted for {first['covariates']} (age also squared), {re_text}{fe_text}; REML. "
+            f"Linear {'mixed ' if mixed else ''}models of the corrected age gap ({first['correction']}) on each "
+            f"phenotype alone{' and on all jointly' if joint else ''}, adjusted for "
+            f"{covariate_list(str(first['covariates']))}, {re_text}{fe_text}; {'REML' if mixed else 'OLS'}. "
             "Estimates are years of gap per unit of the phenotype, or carriers vs non-carriers (1 vs 0). "
             f"q: Benjamini--Hochberg over the phenotypes of each model, significant at {alpha:g}.",
-            missing_note(n_missing),
+            *(f"Tests: {t.rstrip('.')}." for t in df_notes),
+            exclusions_note(by_model),
             *notes,
         ),
         section="block",
@@ -216,9 +300,6 @@ def region_table(
     view = view.assign(_o=view["phenotype"].map(order)).sort_values(["_o", "_w", "q", "p"], kind="mergesort")
     view["block"] = view["phenotype"] + " (" + view["per"] + ")"
     view, unit = _scaled(view, metric, ["estimate", "ci_low", "ci_high"])
-    n_missing = {
-        str(k): int(v) for k, v in regions.groupby("phenotype", sort=False)["n_missing_phenotype"].first().items()
-    }
     first = sub.iloc[0]
     se_text = (
         "standard errors cluster-robust by subject (repeat visits)"
@@ -239,7 +320,7 @@ def region_table(
     else:
         what = (
             f"Region models of {method} attribution ({metric}; estimates in {unit}): OLS of each region's importance "
-            f"on the phenotype, adjusted for {first['covariates']} (age also squared){fe_text}."
+            f"on the phenotype, adjusted for {covariate_list(str(first['covariates']))}{fe_text}."
         )
         caption = f"Phenotype effects on regional {method} attribution ({metric})"
     columns = [
@@ -263,7 +344,7 @@ def region_table(
             f"Benjamini--Hochberg over {family} of the method"
             + (f"; the {WHOLE_BODY} rows over the phenotypes." if joint else "."),
             selection,
-            missing_note(n_missing),
+            exclusions_note(exclusions_by(regions, "phenotype")),
         ),
         section="block",
     )
@@ -288,7 +369,7 @@ def gap_correlation_table(res: pd.DataFrame, method: str, alpha: float) -> tuple
         label=label(f"region_gap_correlations_{method}"),
         notes=(
             f"Pearson partial correlation of each region's {method} importance ({first['metric']}) with the corrected "
-            f"age gap ({first['correction']}), controlling for {first['covariates']} (age also squared), on each "
+            f"age gap ({first['correction']}), controlling for {covariate_list(str(first['covariates']))}, on each "
             "subject's first scan; q: Benjamini--Hochberg over regions.",
             selection,
         ),
