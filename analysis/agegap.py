@@ -169,8 +169,9 @@ def age_accuracy(gap: GapCorrectionResult, *, band_years: int = AGE_BAND_YEARS) 
         each scan at the mean age of the other folds, :func:`bodyage.accuracy.baseline_predictions`),
         ``mean_gap`` and ``gap_age_r`` (uncorrected gap), ``mean_corrected_gap`` and
         ``corrected_gap_age_r`` (the gap the models use; its correlation with age should be
-        near 0). There is no MAE of the corrected predictions: they use the true age, so it
-        is small even for a model that learned nothing. Within a narrow age band ``r2``
+        near 0). Scans with a missing site form a level ``missing``. There is no MAE of the
+        corrected predictions: they use the true age, so it is small even for a model that
+        learned nothing. Within a narrow age band ``r2``
         compares with that band's own age variance and can be negative.
     """
     scans = gap.scans.assign(baseline_age=baseline_predictions(gap.scans["age"], gap.scans["fold"]))
@@ -178,8 +179,10 @@ def age_accuracy(gap: GapCorrectionResult, *, band_years: int = AGE_BAND_YEARS) 
     bands = band_lo.astype(str) + "-" + (band_lo + band_years - 1).astype(str)
     rows = [_accuracy_row("overall", "all", scans)]
     for subset, key in (("site", scans["site"]), ("sex", scans["sex"]), ("age band", bands)):
-        for level in sorted(pd.unique(key), key=_natural):
+        for level in sorted(pd.unique(key.dropna()), key=_natural):
             rows.append(_accuracy_row(subset, str(level), scans[key == level]))
+        if key.isna().any():  # counted, not dropped and not a level named "nan"
+            rows.append(_accuracy_row(subset, "missing", scans[key.isna().to_numpy()]))
     return pd.DataFrame(rows)
 
 
