@@ -7,6 +7,21 @@ them into a one-line message and an exit code.
 
 from __future__ import annotations
 
+#: longest user value quoted in an error message (characters, before the ellipsis)
+QUOTE_LIMIT = 80
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters with an ellipsis and the full length.
+
+    Error messages quote what the user gave; a value of megabytes (a YAML alias bomb, a
+    corrupt cell) must not become a megabyte-long error line.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
 
 class BodyageError(Exception):
     """Base class of every error the command line reports as a one-line message."""

@@ -6,14 +6,16 @@ statistics layer can use it. Image loading lives in :mod:`bodyage.volumes`.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from bodyage.errors import StudyError
+from bodyage.errors import StudyError, quoted
 from bodyage.regions import LabelTable
 
 #: default image channels of a Dixon study (one path column each in cohort.csv)
@@ -25,10 +27,38 @@ RESERVED_COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS, "mask", "scan_id")
 #: plausible range of ages in years
 AGE_RANGE: tuple[float, float] = (0.0, 120.0)
 
+#: visits are whole numbers in this range (inclusive)
+VISIT_RANGE: tuple[int, int] = (0, 999_999)
+#: longest subject id (a scan id names files: ``<subject_id>_<visit>_<channel>.nii.gz``)
+MAX_ID_LENGTH = 64
+#: characters a subject id may hold; it may not start with ``.`` or ``-``
+ID_CHARACTERS = "letters A-Z and a-z, digits, '_', '-' and '.'"
+_ID_CHAR = re.compile(r"[A-Za-z0-9_.\-]")
+
 COHORT_FILE = "cohort.csv"
 LABELS_FILE = "labels.json"
 TRUTH_FILE = "truth.json"
 STUDY_FILE = "study.json"
+
+
+def id_problem(subject_id: str) -> str | None:
+    """Say what makes ``subject_id`` unsafe as part of a file name, or ``None`` if it is safe.
+
+    Scan ids name files and folders (``masks/<scan_id>.nii.gz``, ``--from DIR/<scan_id>``),
+    so a subject id must not be able to leave its folder or confuse a shell: 1 to
+    :data:`MAX_ID_LENGTH` characters among :data:`ID_CHARACTERS`, not starting with ``.``
+    (``..``, hidden files) or ``-`` (read as an option).
+    """
+    if subject_id == "":
+        return "is empty"
+    if len(subject_id) > MAX_ID_LENGTH:
+        return f"has {len(subject_id)} characters (at most {MAX_ID_LENGTH})"
+    for ch in subject_id:
+        if not _ID_CHAR.fullmatch(ch):
+            return f"holds {ch!r}, which ids may not hold (allowed: {ID_CHARACTERS})"
+    if subject_id[0] in ".-":
+        return f"starts with {subject_id[0]!r} (ids may not start with '.' or '-')"
+    return None
 
 
 def scan_id(subject_id: str, visit: int) -> str:
@@ -99,8 +129,11 @@ def validate_cohort(
     Raises
     ------
     StudyError
-        Naming the column or scan at fault: missing columns, missing or absurd ages,
-        sexes other than F/M, duplicate (subject_id, visit) keys, missing channel paths.
+        Naming the column or scan at fault: missing columns, a subject id that breaks
+        the id rules (:func:`id_problem`), a visit that is not a whole number in
+        :data:`VISIT_RANGE`, missing or absurd ages, sexes other than F/M, duplicate
+        (subject_id, visit) keys, missing channel paths. Lines are those of
+        ``cohort.csv`` (the header is line 1).
     """
     missing = [c for c in (*REQUIRED_COLUMNS, *channels) if c not in cohort.columns]
     if missing:
@@ -108,12 +141,14 @@ def validate_cohort(
     if cohort.empty:
         raise StudyError(f"{source}: no scans")
     df = cohort.copy()
+    for pos, raw_id in enumerate(df["subject_id"]):
+        text = "" if _missing(raw_id) else str(raw_id)
+        problem = id_problem(text)
+        if problem is not None:
+            raise StudyError(f"{source}: line {pos + 2}: subject_id {quoted(text)} {problem}")
     df["subject_id"] = df["subject_id"].astype(str)
     df["site"] = df["site"].astype(str)
-    try:
-        df["visit"] = pd.to_numeric(df["visit"], errors="raise").astype(int)
-    except (ValueError, TypeError) as err:
-        raise StudyError(f"{source}: column 'visit' must hold integers") from err
+    df["visit"] = _visits(df["visit"], source)
     keys = [scan_id(s, v) for s, v in zip(df["subject_id"], df["visit"], strict=True)]
     df["scan_id"] = keys
     dup = df["scan_id"][df["scan_id"].duplicated()]
@@ -142,6 +177,25 @@ def validate_cohort(
         if len(miss):
             raise StudyError(f"{source}: scan {df.loc[miss[0], 'scan_id']} has no path in channel column {c!r}")
     return df
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _visits(column: pd.Series, source: str) -> pd.Series:
+    """The visit column as int64; a non-integer, missing or out-of-range visit raises."""
+    lo, hi = VISIT_RANGE
+    number = pd.to_numeric(column, errors="coerce").astype(float)
+    whole = number.notna() & (number == number.round()) & number.between(lo, hi)
+    if not whole.all():
+        pos = int((~whole).to_numpy().argmax())
+        value = column.iloc[pos]
+        if _missing(value):
+            raise StudyError(f"{source}: line {pos + 2}: visit is missing")
+        value = value.item() if hasattr(value, "item") else value  # numpy scalar -> plain repr
+        raise StudyError(f"{source}: line {pos + 2}: visit {quoted(value)} is not a whole number from {lo} to {hi}")
+    return number.astype("int64")
 
 
 def load_study(root: str | os.PathLike[str], *, channels: Sequence[str] = DEFAULT_CHANNELS) -> Study:

@@ -21,15 +21,27 @@ R = TypeVar("R")
 log = logging.getLogger("bodyage")
 
 
+#: longest error or warning message printed (characters): a message quoting a huge user
+#: value (a corrupt cell, an expanded YAML document) is cut, not printed in megabytes
+MAX_MESSAGE_CHARS = 1000
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line (whitespace runs become one space), cut to :data:`MAX_MESSAGE_CHARS`."""
+    text = " ".join(str(message).split())
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = f"{text[:MAX_MESSAGE_CHARS]}... (message cut at {MAX_MESSAGE_CHARS} of {len(text)} characters)"
+    return text
+
+
 def error_line(message: str) -> None:
     """Print ``error: <message>`` as one line on stderr."""
-    one_line = " ".join(str(message).split())
-    print(f"error: {one_line}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     if issubclass(category, BodyageWarning):
-        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+        print(f"warning: {one_line(message)}", file=sys.stderr)
     elif STATE.debug:
         print(
             warnings.formatwarning(message, category, filename, lineno, line),
