@@ -7,7 +7,9 @@
    characters within a folder name), grouped per (eid, instance);
 2. reads age, sex, centre, BMI and the ``--field`` phenotypes of those participants from
    the export (:mod:`bodyage.ukb`: only the columns needed, in chunks);
-3. checks every scan — all channels present, the participant in the export with an age
+3. checks every scan — a participant id that is safe in file names (the id rules of
+   :func:`bodyage.study.id_problem`), all channels present, the participant's export row
+   well formed (as many fields as the header), the participant in the export with an age
    and a sex, each file a readable 3D NIfTI (data decompressed unless ``read_data`` is
    off), a finite non-singular affine with voxel sizes in a plausible range, the channels
    on the same grid once reoriented to RAS+ — and lists each scan that fails a check in
@@ -42,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from bodyage._typing import IMAGES_AS, ImagesAs
-from bodyage.errors import BodyageWarning, InputError, StudyError
+from bodyage.errors import BodyageWarning, InputError, StudyError, quoted
 from bodyage.progress import NO_PROGRESS, Progress
 from bodyage.scanfiles import (
     DEFAULT_PATTERN,
@@ -55,7 +57,15 @@ from bodyage.scanfiles import (
     parse_channels,
     parse_instances,
 )
-from bodyage.study import COHORT_FILE, LABELS_FILE, STUDY_FILE, scan_id, validate_cohort, write_cohort
+from bodyage.study import (
+    COHORT_FILE,
+    LABELS_FILE,
+    STUDY_FILE,
+    id_problem,
+    scan_id,
+    validate_cohort,
+    write_cohort,
+)
 from bodyage.ukb import IMAGING_INSTANCES, FieldRequest, check_field_requests, parse_field_option, read_layout
 
 #: the table of rejected scans
@@ -67,7 +77,9 @@ UNKNOWN_SITE = "unknown"
 
 #: why a scan is rejected (checked in this order; a scan is listed with the first it fails)
 REJECT_REASONS: dict[str, str] = {
+    "bad_id": "the participant id in the file name breaks the id rules (letters, digits, _ - .)",
     "missing_channel": "a channel file is absent",
+    "bad_export_row": "the participant's export row has another number of fields than the header",
     "not_in_export": "the participant is not in the phenotype export",
     "missing_age": "no age at this instance (fields 21003 or 34/52/53)",
     "missing_sex": "no sex (field 31)",
@@ -297,7 +309,7 @@ def build_ukb_study(
             f"{', '.join(tokens.values())}{seen}{other}"
         )
 
-    visits = read_visits(
+    visits = read_visits(  # warns about malformed rows; those of imaged participants go to failures.csv
         layout,
         instances=insts,
         fields=requests,
@@ -307,6 +319,7 @@ def build_ukb_study(
     )
     table = visits.table.set_index(["subject_id", "visit"])
     in_export = set(visits.table["subject_id"])
+    bad_rows = {r.eid: r for r in visits.bad_rows if r.eid is not None and r.eid not in in_export}
     no_age = set(table.index[table["age"].isna()])
     no_sex = set(table.index[table["sex"].isna()])
 
@@ -321,9 +334,18 @@ def build_ukb_study(
             failures.append({"scan_id": sid, "subject_id": eid, "visit": inst, "reason": reason, "detail": detail})
 
         missing = [c for c in tokens if c not in chans]
-        if missing:
+        problem = id_problem(eid)
+        if problem is not None:
+            fail("bad_id", f"participant id {quoted(eid)} {problem}")
+        elif missing:
             present = ", ".join(p.name for p in chans.values())
             fail("missing_channel", f"no {' or '.join(missing)} file (found {present})")
+        elif eid in bad_rows:
+            row = bad_rows[eid]
+            fail(
+                "bad_export_row",
+                f"line {row.line} of {layout.path.name} has {row.n_fields} fields, the header {layout.n_columns}",
+            )
         elif eid not in in_export:
             fail("not_in_export", f"participant not in {layout.path.name}")
         elif key in no_age:

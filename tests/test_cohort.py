@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -339,3 +341,49 @@ def test_cli_bad_field_is_one_line_exit_1(fake: FakeUKB, tmp_path: Path) -> None
     assert res.stderr.strip().splitlines() == [
         "error: --field '2443': expected FIELD[.ARRAY]=NAME[:OPTION], e.g. 2443=diabetes or 4080=sbp:mean"
     ]
+
+
+# ----------------------------------------------------------------------------- malformed inputs (issue 20)
+
+
+def test_ragged_export_row_and_unsafe_ids_are_failures(fake: FakeUKB, tmp_path: Path) -> None:
+    lines = fake.export.read_text(encoding="utf-8").splitlines(keepends=True)
+    fields = lines[3].split(",")  # line 4: participant 1000033, one extra field after its sex
+    assert fields[0] == "1000033"
+    lines[3] = ",".join([*fields[:2], "1", *fields[2:]])
+    export = tmp_path / "export.csv"
+    export.write_text("".join(lines), encoding="utf-8")
+    images = tmp_path / "images"
+    images.mkdir()
+    for f in fake.images.iterdir():
+        (images / f.name).symlink_to(f)
+    for channel in ("water", "fat"):  # ids that are no safe file-name parts
+        (images / f"a b_2_{channel}.nii.gz").symlink_to(fake.images / f"1000011_2_{channel}.nii.gz")
+        (images / f"-x_2_{channel}.nii.gz").symlink_to(fake.images / f"1000011_2_{channel}.nii.gz")
+    with pytest.warns(BodyageWarning, match=r"export.csv: 1 row\(s\) do not have the header's 306 fields: line 4"):
+        summary = build_ukb_study(export, images, tmp_path / "study")
+    failures = pd.read_csv(tmp_path / "study" / "failures.csv", dtype={"subject_id": str}).set_index("scan_id")
+    assert failures.loc["1000033_2", "reason"] == "bad_export_row"
+    assert failures.loc["1000033_2", "detail"] == "line 4 of export.csv has 307 fields, the header 306"
+    assert failures.loc["a b_2", "reason"] == "bad_id"
+    assert failures.loc["a b_2", "detail"].startswith("participant id 'a b' holds ' ', which ids may not hold")
+    assert failures.loc["-x_2", "detail"] == "participant id '-x' starts with '-' (ids may not start with '.' or '-')"
+    assert summary.rejected["bad_export_row"] == 1 and summary.rejected["bad_id"] == 2
+    cohort = load_study(tmp_path / "study").cohort
+    assert "1000033" not in set(cohort["subject_id"])
+    assert summary.n_kept == len(KEPT) - 1
+
+
+def test_cli_truncated_gzip_export_is_one_error_line(fake: FakeUKB, tmp_path: Path) -> None:
+    data = gzip.compress(fake.export.read_bytes())
+    export = tmp_path / "export.csv.gz"
+    export.write_bytes(data[: len(data) // 2])
+    res = CliRunner().invoke(
+        app,
+        ["cohort", "ukb", "--phenotypes", str(export), "--images", str(fake.images), "--out", str(tmp_path / "s")],
+    )
+    assert res.exit_code == 1
+    assert "Aborted!" not in res.output
+    assert re.fullmatch(
+        r"error: .*export.csv.gz: cannot be read to the end after line \d+ \(truncated .*\)\n", res.stderr
+    )

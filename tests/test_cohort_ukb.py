@@ -13,8 +13,10 @@ from ukb_factories import PARTICIPANTS, Participant, expected_age, export_frame,
 
 from bodyage.errors import BodyageWarning, InputError
 from bodyage.ukb import (
+    BadRow,
     FieldColumn,
     FieldRequest,
+    iter_export_chunks,
     parse_column,
     parse_field_option,
     read_layout,
@@ -243,3 +245,86 @@ def test_repeated_eid_across_chunks(tmp_path: Path) -> None:
     pd.concat([frame, frame.iloc[[0]]]).to_csv(path, index=False)
     with pytest.raises(InputError, match="line 18 repeats a participant id of an earlier line"):
         read_visits(path, chunksize=5)
+
+
+# ----------------------------------------------------------------------------- malformed exports (issue 20)
+
+
+def _with_line(path: Path, line_no: int, edit) -> Path:
+    """Rewrite line ``line_no`` (1 = header) of a CSV with ``edit(fields) -> fields``."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    fields = lines[line_no - 1].rstrip("\n").split(",")
+    lines[line_no - 1] = ",".join(edit(fields)) + "\n"
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "n_fields"),
+    [(lambda f: [*f[:5], "99", *f[5:]], 307), (lambda f: f[:-2], 304)],
+    ids=["extra field mid-row", "two fields short"],
+)
+def test_a_ragged_row_is_left_out_never_shifted(tmp_path: Path, export: Path, edit, n_fields: int) -> None:
+    # line 4 is participant 1000033: with one extra field after 34-0.0 its age, sex and
+    # BMI used to be read from the neighbouring columns, exit 0
+    path = _with_line(write_export(tmp_path / "ragged.csv"), 4, edit)
+    with pytest.warns(
+        BodyageWarning, match=rf"1 row\(s\) do not have the header's 306 fields: line 4 \({n_fields} fields\)"
+    ):
+        visits = read_visits(path)
+    assert visits.bad_rows == (BadRow(line=4, eid="1000033", n_fields=n_fields),)
+    assert "1000033" not in set(visits.table["subject_id"])
+    clean = read_visits(export).table
+    pd.testing.assert_frame_equal(
+        visits.table.reset_index(drop=True), clean[clean["subject_id"] != "1000033"].reset_index(drop=True)
+    )
+    layout = read_layout(path)
+    with pytest.raises(InputError, match=rf"ragged.csv: line 4 has {n_fields} fields but the header has 306"):
+        list(iter_export_chunks(layout, ["21003-2.0"]))
+
+
+def test_line_numbers_count_quoted_newlines_and_blank_lines(tmp_path: Path, export: Path) -> None:
+    frame = export_frame()
+    frame["3000-0.0"] = frame["3000-0.0"].astype(object)
+    frame.loc[1, "3000-0.0"] = "two,\nlines"  # quoted by pandas: one record over two lines
+    path = tmp_path / "quoted.csv"
+    frame.to_csv(path, index=False)
+    text = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    text.insert(4, "\n")  # a blank line 5
+    path.write_text("".join(text), encoding="utf-8")
+    _with_line(path, 6, lambda f: [*f[:5], "99", *f[5:]])  # participant 1000033
+    with pytest.warns(BodyageWarning, match=r"line 6 \(307 fields\)"):
+        visits = read_visits(path)
+    assert [(r.line, r.eid) for r in visits.bad_rows] == [(6, "1000033")]
+    clean = read_visits(export).table
+    for eid in ("1000022", "1000044"):  # around the quoted field, the blank line and the bad line
+        pd.testing.assert_series_equal(_row(visits.table, eid, 2), _row(clean, eid, 2), check_names=False)
+    chunks = list(iter_export_chunks(read_layout(path), ["21003-2.0"], chunksize=3, bad_rows=[]))
+    # record 1000022 spans lines 3-4, line 5 is blank, line 6 is left out
+    assert [list(c.index) for c in chunks[:2]] == [[2, 3, 7], [8, 9, 10]]
+
+
+def test_truncated_gzip_export_is_an_input_error(tmp_path: Path, export: Path) -> None:
+    data = gzip.compress(export.read_bytes())
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(
+        InputError, match=r"cut.csv.gz: cannot be read to the end after line \d+ \(truncated or corrupt"
+    ):
+        read_visits(path)
+
+
+def test_export_with_a_byte_order_mark_is_read(tmp_path: Path, export: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + export.read_bytes())
+    assert read_layout(path).eid_column == "eid"
+    pd.testing.assert_frame_equal(read_visits(path).table, read_visits(export).table)
+
+
+def test_export_not_utf8_names_the_line(tmp_path: Path, export: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    raw = export.read_bytes().split(b"\n")
+    raw[-2] = raw[-2].replace(b",", b",\xe9", 1)  # the last row: past the header's read buffer
+    path.write_bytes(b"\n".join(raw))
+    with pytest.raises(InputError, match=r"latin1.csv: not UTF-8 text after line \d+ .*save the export as UTF-8"):
+        read_visits(path)
