@@ -14,9 +14,12 @@ Research Analysis Platform  ``p21003_i2``, ``p31``      ``eid``, ``participant.e
 ==========================  ==========================  =====================
 
 :func:`read_layout` reads only the header; :func:`read_visits` then reads only the
-columns it needs (``usecols``) in chunks of rows, keeps only the participants asked for,
-and turns each chunk into one row per (participant, instance) before the next is read,
-so memory is bounded by the chunk size and the participants kept, not by the export.
+columns it needs in chunks of rows (:mod:`bodyage.exportrows`, which checks that every
+row has the header's number of fields: a row that has not is left out and reported,
+never read with shifted values), keeps only the participants asked for, and turns each
+chunk into one row per (participant, instance) before the next is read, so memory is
+bounded by the chunk size and the participants kept, not by the export. UTF-8 with or
+without a byte-order mark, plain or ``.gz``/``.bz2``/``.xz``.
 
 Conventions (each is a decision; see the README section "Real data: UK Biobank"):
 
@@ -40,16 +43,11 @@ Conventions (each is a decision; see the README section "Real data: UK Biobank")
 
 from __future__ import annotations
 
-import bz2
 import csv
-import gzip
-import io
-import itertools
 import lzma
 import os
 import re
 import warnings
-import zlib
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +57,7 @@ import numpy as np
 import pandas as pd
 
 from bodyage.errors import BodyageWarning, InputError
+from bodyage.exportrows import BadRow, bad_rows_message, open_text, read_chunks
 from bodyage.progress import NO_PROGRESS, Progress
 from bodyage.study import RESERVED_COLUMNS
 
@@ -330,19 +329,28 @@ class ExportLayout:
         return [arrays[a] for a in sorted(arrays)]
 
 
-#: UTF-8, with or without a byte-order mark (Excel writes one)
-_ENCODING = "utf-8-sig"
+def iter_export_chunks(
+    layout: ExportLayout,
+    usecols: Sequence[str],
+    *,
+    chunksize: int = 50_000,
+    bad_rows: list[BadRow] | None = None,
+) -> Iterator[pd.DataFrame]:
+    """Yield chunks of rows of ``usecols`` (plus the eid column), indexed by line number.
 
-
-def _open_text(path: Path) -> io.TextIOBase:
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        return cast(io.TextIOBase, gzip.open(path, "rt", encoding=_ENCODING, newline=""))
-    if suffix == ".bz2":
-        return cast(io.TextIOBase, bz2.open(path, "rt", encoding=_ENCODING, newline=""))
-    if suffix == ".xz":
-        return cast(io.TextIOBase, lzma.open(path, "rt", encoding=_ENCODING, newline=""))
-    return cast(io.TextIOBase, open(path, encoding=_ENCODING, newline=""))
+    Every row's number of fields is checked against the header
+    (:func:`bodyage.exportrows.read_chunks`); rows that differ go to ``bad_rows``, or,
+    without it, the first one raises :class:`InputError` naming its line.
+    """
+    return read_chunks(
+        layout.path,
+        sep=layout.sep,
+        n_columns=layout.n_columns,
+        id_column=layout.eid_column,
+        usecols=usecols,
+        chunksize=chunksize,
+        bad_rows=bad_rows,
+    )
 
 
 def read_layout(path: str | os.PathLike[str]) -> ExportLayout:
@@ -358,7 +366,7 @@ def read_layout(path: str | os.PathLike[str]) -> ExportLayout:
     if not p.is_file():
         raise InputError(f"{p}: phenotype export not found")
     try:
-        with _open_text(p) as fh:
+        with open_text(p) as fh:
             first = fh.readline()
     except (OSError, UnicodeDecodeError, EOFError, lzma.LZMAError) as err:
         raise InputError(f"{p}: cannot read the phenotype export ({err})") from err
@@ -667,179 +675,6 @@ def _finish_first(values: pd.Series, req: FieldRequest) -> pd.Series:
         return values.astype("string")
     out = pd.to_numeric(values, errors="coerce").astype(float)
     return out if req.signed else out.where(out >= 0)
-
-
-#: characters of export text handed to the parser at a time (bounds memory for wide exports)
-_BLOCK_CHARS = 1 << 24
-#: how many malformed rows a warning or error quotes
-_QUOTED_BAD_ROWS = 3
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """A row of an export whose number of fields differs from the header's.
-
-    Attributes
-    ----------
-    line
-        Line of the file where the row starts (the header is line 1).
-    eid
-        The participant id in the row's eid column (``None`` if the row is too short),
-        only a guess: the fields of a malformed row may be shifted.
-    n_fields
-        Fields found in the row.
-    """
-
-    line: int
-    eid: str | None
-    n_fields: int
-
-
-class _Lines:
-    """Physical lines of a text file, counted (``n``), remembering the last ones taken."""
-
-    def __init__(self, fh: Iterable[str]) -> None:
-        self._it = iter(fh)
-        self.n = 0
-        self.taken: list[str] = []
-
-    def __iter__(self) -> _Lines:
-        return self
-
-    def __next__(self) -> str:
-        line = next(self._it)
-        self.n += 1
-        self.taken.append(line)
-        return line
-
-
-def _records(fh: Iterable[str], sep: str) -> Iterator[tuple[int, str, list[str] | None, int]]:
-    """Yield ``(first line, text, fields or None, number of fields)`` of each non-blank record.
-
-    A line without a quote character is one record whose fields are counted without
-    being split (fast: ``str.count``); a line with one is parsed by :mod:`csv`, which
-    also joins the lines of a quoted field holding a newline.
-    """
-    src = _Lines(fh)
-    for line in src:
-        start = src.n
-        if '"' not in line:
-            if not line.isspace():
-                yield start, line, None, line.count(sep) + 1
-            src.taken.clear()
-            continue
-        src.taken = [line]
-        reader = csv.reader(itertools.chain([line], src), delimiter=sep, skipinitialspace=True)
-        row = next(reader, [])
-        text = "".join(src.taken)
-        src.taken.clear()
-        yield start, text, row, len(row)
-
-
-def _eid_of(text: str, fields: list[str] | None, sep: str, index: int) -> str | None:
-    parts = fields if fields is not None else text.rstrip("\r\n").split(sep)
-    return parts[index].strip() if index < len(parts) else None
-
-
-def iter_export_chunks(
-    layout: ExportLayout,
-    usecols: Sequence[str],
-    *,
-    chunksize: int = 50_000,
-    bad_rows: list[BadRow] | None = None,
-) -> Iterator[pd.DataFrame]:
-    """Yield chunks of rows of ``usecols`` (plus the eid column), all as strings.
-
-    Every row's number of fields is checked against the header while the file is
-    streamed (``pandas.read_csv(usecols=...)`` alone does not check it, and a row with
-    one field too many would have its values shifted into the wrong columns). Memory is
-    bounded by ``chunksize`` rows of the columns read and about 16 MB of raw text.
-
-    Parameters
-    ----------
-    layout
-        The export's :func:`read_layout`.
-    usecols
-        Columns to return.
-    chunksize
-        Rows per chunk at most (chunks may be smaller).
-    bad_rows
-        Where rows with the wrong number of fields go (left out of the chunks); ``None``:
-        the first one raises :class:`InputError`.
-
-    Yields
-    ------
-    pandas.DataFrame
-        Strings (missing cells NaN), indexed by the line each row starts on.
-
-    Raises
-    ------
-    InputError
-        If the file cannot be read or decompressed to the end (a truncated ``.gz``), is
-        not UTF-8, or a row has the wrong number of fields (without ``bad_rows``).
-    """
-    wanted = [layout.eid_column, *[c for c in usecols if c != layout.eid_column]]
-    path, sep = layout.path, layout.sep
-    line = 1
-    try:
-        with _open_text(path) as fh:
-            records = _records(fh, sep)
-            first = next(records, None)
-            if first is None:
-                return
-            header = first[1] if first[1].endswith("\n") else first[1] + "\n"
-            names = [name.strip() for name in next(csv.reader([header], delimiter=sep))]
-            eid_index = names.index(layout.eid_column)
-            texts: list[str] = []
-            lines: list[int] = []
-            size = 0
-
-            def parse() -> pd.DataFrame:
-                try:
-                    frame = pd.read_csv(
-                        io.BytesIO((header + "".join(texts)).encode("utf-8")),  # bytes parse 2x faster
-                        sep=sep,
-                        usecols=wanted,
-                        dtype=str,
-                        skipinitialspace=True,
-                    )
-                except (pd.errors.ParserError, ValueError) as err:
-                    raise InputError(
-                        f"{path}: lines {lines[0]}-{lines[-1]} cannot be parsed as a UK Biobank export ({err})"
-                    ) from err
-                if len(frame) != len(lines):
-                    raise InputError(f"{path}: lines {lines[0]}-{lines[-1]} cannot be parsed as a UK Biobank export")
-                frame.index = pd.Index(lines, name="line")
-                return frame
-
-            for line, text, fields, n_fields in records:
-                if n_fields != layout.n_columns:
-                    bad = BadRow(line=line, eid=_eid_of(text, fields, sep, eid_index), n_fields=n_fields)
-                    if bad_rows is None:
-                        raise InputError(
-                            f"{path}: line {line} has {n_fields} fields but the header has {layout.n_columns}"
-                        )
-                    bad_rows.append(bad)
-                    continue
-                texts.append(text if text.endswith("\n") else text + "\n")
-                lines.append(line)
-                size += len(text)
-                if len(lines) >= chunksize or size >= _BLOCK_CHARS:
-                    yield parse()
-                    texts, lines, size = [], [], 0
-            if lines:
-                yield parse()
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text after line {line} ({err.reason}); save the export as UTF-8") from err
-    except (OSError, EOFError, zlib.error, lzma.LZMAError) as err:
-        raise InputError(f"{path}: cannot be read to the end after line {line} (truncated or corrupt? {err})") from err
-
-
-def bad_rows_message(path: Path, rows: Sequence[BadRow], n_columns: int) -> str:
-    """One line saying which rows of ``path`` have the wrong number of fields."""
-    shown = ", ".join(f"line {r.line} ({r.n_fields} fields)" for r in rows[:_QUOTED_BAD_ROWS])
-    more = f" and {len(rows) - _QUOTED_BAD_ROWS} more" if len(rows) > _QUOTED_BAD_ROWS else ""
-    return f"{path}: {len(rows)} row(s) do not have the header's {n_columns} fields: {shown}{more}"
 
 
 def read_visits(
