@@ -21,15 +21,15 @@ RegionLevel = Literal["region", "group"]
 #: solver of the random-intercept model (see :mod:`analysis.mixed`): ``auto`` is the exact
 #: REML solver (lme4's fit, Satterthwaite df); ``statsmodels`` is MixedLM with z-tests, opt-in
 MixedEngine = Literal["auto", "statsmodels", "reml"]
-#: the tests one Benjamini–Hochberg correction of the region models spans
-FdrFamily = Literal["method", "phenotype"]
+#: the tests one Benjamini–Hochberg correction of the region analyses spans (see :mod:`analysis.fdr`)
+FdrFamily = Literal["method", "phenotype", "all"]
 
 GAP_CORRECTIONS: tuple[GapCorrection, ...] = ("train", "linear", "quadratic", "none")
 REGION_METRICS: tuple[RegionMetric, ...] = ("mass", "share", "enrichment", "density", "abs_mass")
 GROUP_TESTS: tuple[GroupTest, ...] = ("welch", "mannwhitney")
 REGION_LEVELS: tuple[RegionLevel, ...] = ("region", "group")
 MIXED_ENGINES: tuple[MixedEngine, ...] = ("auto", "statsmodels", "reml")
-FDR_FAMILIES: tuple[FdrFamily, ...] = ("method", "phenotype")
+FDR_FAMILIES: tuple[FdrFamily, ...] = ("method", "phenotype", "all")
 
 #: attribution methods that score whole regions; their ``mass`` is a change in predicted
 #: age in years (DESIGN.md §3), so signed ``mass`` is their default importance (DESIGN.md §7)

@@ -7,7 +7,8 @@ Three analyses of the importance of each region (one column of ``attributions.pa
 :func:`region_models`
     ``importance_r ~ phenotype + age + age² + sex + site`` for every region × phenotype,
     Benjamini–Hochberg FDR over regions × phenotypes within each method (DESIGN.md §7;
-    ``fdr_family="phenotype"``: over the regions of each method × phenotype). Sites enter as
+    ``fdr_family="phenotype"``: over the regions of each method × phenotype; ``"all"``:
+    over every method × region × phenotype, see :mod:`analysis.fdr`). Sites enter as
     fixed effects (indicators); with repeat visits the standard errors are cluster-robust
     by subject. This form is exact OLS, so one QR decomposition serves every region
     (:func:`analysis.ols.ols_many`): 40,000 subjects × 53 regions × 5 phenotypes take
@@ -41,7 +42,6 @@ import numpy as np
 import pandas as pd
 
 from analysis._typing import (
-    FDR_FAMILIES,
     REGION_LEVELS,
     REGION_METRICS,
     FdrFamily,
@@ -59,7 +59,7 @@ from analysis.design import (
     is_binary,
     numeric_values,
 )
-from analysis.fdr import benjamini_hochberg
+from analysis.fdr import benjamini_hochberg, check_family, family_q
 from analysis.ols import ols_many
 from analysis.phenotypes import model_form, resolve_covariates, resolve_phenotypes
 from analysis.run import ATTRIBUTIONS_FILE, RunTables, as_run
@@ -247,7 +247,9 @@ def region_models(
         The tests one Benjamini–Hochberg correction spans: ``"method"`` (default, DESIGN.md
         §7), every region × phenotype of a method; ``"phenotype"``, the regions of each
         method × phenotype, so one phenotype's many discoveries (an anatomy-driven one such
-        as BMI) do not loosen the threshold of another's tests.
+        as BMI) do not loosen the threshold of another's tests (but the FDR then holds per
+        phenotype only); ``"all"``, every region × phenotype × method together, so the FDR
+        holds over everything reported (see :mod:`analysis.fdr`).
     centred
         Centre each scan's importance on its mean over regions first (the region-specific
         effects of :func:`joint_region_model`).
@@ -260,7 +262,7 @@ def region_models(
         One row per (method, region, phenotype), columns :data:`REGION_MODEL_COLUMNS`:
         ``estimate`` is the change in importance per unit of the phenotype (carriers vs
         non-carriers for 0/1), ``q`` is Benjamini–Hochberg over all regions × phenotypes of
-        the method (or of the method × phenotype, see ``fdr_family``), ``significant`` is
+        the method (or of another family, see ``fdr_family``), ``significant`` is
         ``q < alpha``, ``partial_r`` the partial correlation.
         Select "regions significant for phenotype X and method M" with
         ``df[(df.method == M) & (df.phenotype == X) & df.significant]``.
@@ -273,8 +275,7 @@ def region_models(
         For an invalid phenotype, covariate, group, method, metric, level or FDR family
         (naming it).
     """
-    if fdr_family not in FDR_FAMILIES:
-        raise InputError(f"--fdr-family must be one of {', '.join(FDR_FAMILIES)}; {fdr_family!r} was provided")
+    check_family(fdr_family)
     tables = as_run(run)
     progress = progress or NO_PROGRESS
     meths = resolve_methods(tables, methods)
@@ -330,18 +331,12 @@ def region_models(
                 )
             )
             task.advance()
-        block = pd.concat(per_method, ignore_index=True)
-        if fdr_family == "phenotype":
-            block["q"] = block.groupby("phenotype", sort=False)["p"].transform(
-                lambda p: pd.Series(benjamini_hochberg(p.to_numpy()), index=p.index)
-            )
-        else:
-            block["q"] = benjamini_hochberg(block["p"].to_numpy())
-        block["fdr_family"] = fdr_family
-        block["significant"] = block["q"] < alpha
-        frames.append(block)
+        frames.append(pd.concat(per_method, ignore_index=True))
     task.close()
     out = pd.concat(frames, ignore_index=True)
+    out["q"] = family_q(out, fdr_family)
+    out["fdr_family"] = fdr_family
+    out["significant"] = out["q"] < alpha
     unfit = out["p"].isna() & (out["n"] > 0)
     if unfit.any():
         first = out[unfit].iloc[0]
@@ -494,6 +489,7 @@ def region_gap_correlations(
     level: RegionLevel = "region",
     grouping: Callable[[str], str] | None = None,
     alpha: float = ALPHA,
+    fdr_family: FdrFamily = "method",
     gap: GapCorrectionResult | None = None,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
@@ -502,16 +498,19 @@ def region_gap_correlations(
     pingouin ``partial_corr`` (Pearson) controlling for the covariates (age, age² and sex
     unless ``default_covariates`` is false, plus ``covariates``), on each subject's first
     scan (scans of one subject are not independent); Benjamini–Hochberg over the regions
-    of each method.
+    of each method (``fdr_family`` ``"method"`` or ``"phenotype"``: there is no phenotype
+    here), or over the regions of all methods together (``"all"``).
 
     Returns
     -------
     pandas.DataFrame
         ``method``, ``metric``, ``level``, ``region``, ``n``, ``r``, ``ci_low``,
-        ``ci_high`` (95%), ``p``, ``q``, ``significant``, ``covariates``, ``correction``.
+        ``ci_high`` (95%), ``p``, ``q``, ``fdr_family``, ``significant``, ``covariates``,
+        ``correction``.
     """
     import pingouin as pg
 
+    check_family(fdr_family)
     tables = as_run(run)
     progress = progress or NO_PROGRESS
     gap = gap or correct_gap(tables, correction)
@@ -554,14 +553,18 @@ def region_gap_correlations(
         block.insert(0, "level", level)
         block.insert(0, "metric", met)
         block.insert(0, "method", method)
-        block["q"] = benjamini_hochberg(block["p"].to_numpy())
-        block["significant"] = block["q"] < alpha
         block["covariates"] = ", ".join(cov_names)
         block["correction"] = gap.correction
         frames.append(block)
         task.advance()
     task.close()
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)
+    family: FdrFamily = "all" if fdr_family == "all" else "method"
+    out["q"] = family_q(out, family)
+    out["fdr_family"] = family
+    out["significant"] = out["q"] < alpha
+    head = [c for c in out.columns if c not in ("q", "fdr_family", "significant", "covariates", "correction")]
+    return out[[*head, "q", "fdr_family", "significant", "covariates", "correction"]]
 
 
 def _first_visits(scans: pd.DataFrame) -> np.ndarray:

@@ -46,6 +46,7 @@ from typing import Any
 import pandas as pd
 
 from analysis._typing import REGION_LEVEL_METHODS
+from analysis.fdr import family_text
 from analysis.latex import escape
 from analysis.recovery import (
     ABS_MASS,
@@ -805,25 +806,34 @@ def _summary(
     if pm.is_file():
         res = pd.read_parquet(pm)
         sep = res[res["model"] == "separate"]
+        options = (read_stats_record(run_root) or {}).get("arguments") or {}
+        alpha = float(options["alpha"]) if isinstance(options.get("alpha"), (int, float)) else ALPHA
         lines += [
             "Effect of each phenotype on the bias-corrected age gap (separate models; years per unit, "
-            "carriers vs non-carriers for 0/1 phenotypes; q: Benjamini-Hochberg):",
+            "carriers vs non-carriers for 0/1 phenotypes; q: Benjamini-Hochberg over the phenotypes, a family of "
+            "their own whatever `--fdr-family`):",
             "",
             "| phenotype | effect (years) | 95% CI | p | q | n |",
             "|---|---|---|---|---|---|",
         ]
         for _, r in sep.iterrows():
-            mark = " *" if pd.notna(r["q"]) and r["q"] < ALPHA else ""
+            mark = " *" if pd.notna(r["q"]) and r["q"] < alpha else ""
             lines.append(
                 f"| {r['phenotype']} | {_f(r['estimate'])}{mark} | [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
                 f"{_q(r['p'])} | {_q(r['q'])} | {int(r['n'])} |"
             )
-        lines += ["", f"\\* q < {ALPHA:g}.", ""]
+        lines += ["", f"\\* q < {alpha:g}.", ""]
         rm = run_root / STATS_DIR / "region_models.parquet"
         if rm.is_file():
             reg = pd.read_parquet(rm)
             sig = reg[reg["significant"]]
-            lines.append("Regions whose importance a phenotype shifts (region models, FDR 5% per method):")
+            family = str(reg["fdr_family"].iloc[0]) if "fdr_family" in reg and len(reg) else "method"
+            lines.append(
+                f"Regions whose importance a phenotype shifts (region models, significant at FDR {alpha:g}; "
+                f"Benjamini-Hochberg over {family_text(family)}, FDR family `{family}`"
+                + ("" if family == "all" else "; the FDR holds within each family, not across families")
+                + "):"
+            )
             lines.append("")
             if sig.empty:
                 lines.append("- none")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import pandas as pd
 from analysis import stats_record
 from analysis._typing import FdrFamily, GapCorrection, MixedEngine, RegionLevel, RegionMetric
 from analysis.agegap import GapCorrectionResult, age_accuracy, correct_gap, gap_note
+from analysis.captions import load_captions
 from analysis.design import DEFAULT_GROUP, exclusions_by
 from analysis.phenotypes import phenotype_exclusions, phenotype_models
 from analysis.regionmodels import ALPHA, joint_region_model, region_gap_correlations, region_models
@@ -132,6 +133,7 @@ def run_stats(
     engine: MixedEngine = "auto",
     alpha: float = ALPHA,
     fdr_family: FdrFamily = "method",
+    captions: str | os.PathLike[str] | Mapping[str, str] | None = None,
     figures: bool = True,
     out: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
@@ -154,8 +156,10 @@ def run_stats(
     alpha
         FDR level.
     fdr_family
-        Family of the region models' Benjamini–Hochberg correction
-        (:func:`analysis.regionmodels.region_models`).
+        Family of the region analyses' Benjamini–Hochberg correction (:mod:`analysis.fdr`).
+    captions
+        Captions of the LaTeX tables: a YAML/JSON file or a mapping of table stem to
+        caption (:func:`analysis.captions.load_captions`); checked before anything is fitted.
     figures
         Draw the figures.
     out
@@ -181,6 +185,7 @@ def run_stats(
     if base is None:
         raise InputError("run tables built in memory need an output folder (out=...)")
     progress = progress or NO_PROGRESS
+    caption_map = load_captions(captions, methods=tables.methods if tables.attributions is not None else ())
     arguments = {
         "run": str(tables.root) if tables.root else None,
         "phenotypes": list(phenotypes) if phenotypes is not None else None,
@@ -194,6 +199,7 @@ def run_stats(
         "engine": engine,
         "alpha": alpha,
         "fdr_family": fdr_family,
+        "captions": str(captions) if isinstance(captions, (str, os.PathLike)) else caption_map or None,
     }
     inputs = {}
     if tables.root is not None:
@@ -215,7 +221,7 @@ def run_stats(
     acc = age_accuracy(gap)
     written += tab.write_frame(acc, stats_dir, "age_accuracy")
     view, spec = tab.accuracy_table(acc, gap.correction)
-    written.append(tab.write_tex(view, stats_dir, "age_accuracy", spec))
+    written.append(tab.write_tex(view, stats_dir, "age_accuracy", spec, captions=caption_map))
     written += tab.write_frame(gap.coefficients, stats_dir, "gap_correction")
 
     with warnings.catch_warnings(record=True) as caught:
@@ -233,7 +239,9 @@ def run_stats(
     _reemit(caught)
     written += tab.write_frame(pheno, stats_dir, "phenotype_models")
     view, spec = tab.phenotype_table(pheno, alpha)
-    written.append(tab.write_tex(view, stats_dir, "phenotype_models", tab.with_note(spec, gap_note(acc))))
+    written.append(
+        tab.write_tex(view, stats_dir, "phenotype_models", tab.with_note(spec, gap_note(acc)), captions=caption_map)
+    )
     phenos = list(pheno.loc[pheno["model"] == "separate", "phenotype"])
 
     regions = joint = corr = None
@@ -263,6 +271,7 @@ def run_stats(
                 level=level,
                 grouping=grouping,
                 alpha=alpha,
+                fdr_family=fdr_family,
                 gap=gap,
                 progress=progress,
             )
@@ -272,12 +281,14 @@ def run_stats(
         written += tab.write_frame(corr, stats_dir, "region_gap_correlations")
         for method in pd.unique(regions["method"]):
             view, spec = tab.region_table(regions, method, alpha)
-            written.append(tab.write_tex(view, stats_dir, f"region_models_{method}", spec))
+            written.append(tab.write_tex(view, stats_dir, f"region_models_{method}", spec, captions=caption_map))
             view, spec = tab.region_table(joint, method, alpha, joint=True)
-            written.append(tab.write_tex(view, stats_dir, f"region_joint_{method}", spec))
+            written.append(tab.write_tex(view, stats_dir, f"region_joint_{method}", spec, captions=caption_map))
             view, spec = tab.gap_correlation_table(corr, method, alpha)
             spec = tab.with_note(spec, gap_note(acc))
-            written.append(tab.write_tex(view, stats_dir, f"region_gap_correlations_{method}", spec))
+            written.append(
+                tab.write_tex(view, stats_dir, f"region_gap_correlations_{method}", spec, captions=caption_map)
+            )
 
     if figures:
         fig_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,9 @@ from analysis.design import (
     exclusions_by,
     exclusions_of,
 )
+from analysis.fdr import family_text
 from analysis.latex import Column, LatexTable, write_latex
+from analysis.notes import summarise_warnings
 from analysis.regionmodels import WHOLE_BODY
 
 #: most rows a LaTeX table shows (a page)
@@ -55,9 +57,22 @@ def write_frame(df: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str) ->
     ]
 
 
-def write_tex(df: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str, table: LatexTable) -> Path:
-    """Write the LaTeX view ``<stem>.tex``."""
-    return write_latex(Path(out_dir) / f"{stem}.tex", df, table)
+def write_tex(
+    df: pd.DataFrame,
+    out_dir: str | os.PathLike[str],
+    stem: str,
+    table: LatexTable,
+    *,
+    captions: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the LaTeX view ``<stem>.tex``, with its caption from ``captions`` if it has one.
+
+    ``captions``: from :func:`analysis.captions.load_captions` (``bodyage stats --captions``).
+    """
+    from analysis.captions import caption_for
+
+    caption = caption_for(captions or {}, stem)
+    return write_latex(Path(out_dir) / f"{stem}.tex", df, replace(table, caption=caption) if caption else table)
 
 
 def label(stem: str) -> str:
@@ -307,8 +322,12 @@ def region_table(
         else "classical standard errors"
     )
     fe_text = f" and {first['fixed_effects']} (fixed effects)" if first["fixed_effects"] else ""
-    per_phenotype = "fdr_family" in sub and (sub["fdr_family"] == "phenotype").any()
-    family = "the regions of each phenotype" if per_phenotype else "all regions and phenotypes"
+    fam = str(regions["fdr_family"].iloc[0]) if "fdr_family" in regions and len(regions) else "method"
+    unfit = summarise_warnings(
+        ["could not be estimated"] * int((regions["p"].isna() & (regions["n"] > 0)).sum()),
+        unit="region model",
+        where=f"the rows without a p-value in {csv}",
+    )
     if joint:
         what = (
             f"Shift of {method} attribution ({metric}; estimates in {unit}) toward each region beyond the whole "
@@ -341,10 +360,11 @@ def region_table(
         notes=(
             what,
             f"Estimates per unit of the phenotype or carriers vs non-carriers (1 vs 0); {se_text}; q: "
-            f"Benjamini--Hochberg over {family} of the method"
+            f"Benjamini--Hochberg over {family_text(fam)} (FDR family: {fam}), significant at {alpha:g}"
             + (f"; the {WHOLE_BODY} rows over the phenotypes." if joint else "."),
             selection,
             exclusions_note(exclusions_by(regions, "phenotype")),
+            *([unfit] if unfit else []),
         ),
         section="block",
     )
@@ -356,6 +376,12 @@ def gap_correlation_table(res: pd.DataFrame, method: str, alpha: float) -> tuple
     sub = res[res["method"] == method]
     shown, selection = _select_rows(sub, alpha, "region", "region_gap_correlations.csv")
     first = sub.iloc[0]
+    fam = str(first["fdr_family"]) if "fdr_family" in sub else "method"
+    unfit = summarise_warnings(
+        ["could not be estimated"] * int(sub["r"].isna().sum()),
+        unit="correlation",
+        where="the rows without a p-value in region_gap_correlations.csv",
+    )
     table = LatexTable(
         columns=(
             Column("Region", "region", "text"),
@@ -370,8 +396,10 @@ def gap_correlation_table(res: pd.DataFrame, method: str, alpha: float) -> tuple
         notes=(
             f"Pearson partial correlation of each region's {method} importance ({first['metric']}) with the corrected "
             f"age gap ({first['correction']}), controlling for {covariate_list(str(first['covariates']))}, on each "
-            "subject's first scan; q: Benjamini--Hochberg over regions.",
+            f"subject's first scan; q: Benjamini--Hochberg over {family_text(fam, phenotypes=False)} "
+            f"(FDR family: {fam}), significant at {alpha:g}.",
             selection,
+            *([unfit] if unfit else []),
         ),
     )
     return shown, table

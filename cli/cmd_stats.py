@@ -59,10 +59,19 @@ def stats(
         FdrFamily,
         typer.Option(
             "--fdr-family",
-            help="Tests one Benjamini-Hochberg correction of the region models spans: method (every region x "
-            "phenotype of a method, DESIGN §7) or phenotype (the regions of each method x phenotype).",
+            help="Tests one Benjamini-Hochberg correction of the region analyses spans: method (every region x "
+            "phenotype of a method, DESIGN §7), phenotype (the regions of each method x phenotype; FDR then holds "
+            "per phenotype only) or all (every method x region x phenotype together; fewer discoveries).",
         ),
     ] = "method",
+    captions: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--captions",
+            help="YAML or JSON file of LaTeX captions, table stem -> caption (e.g. region_models_ablation, or "
+            "region_models with {method} for every method).",
+        ),
+    ] = None,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures.")] = True,
 ) -> None:
     """Age-gap correction, mixed models, FDR, LaTeX tables and figures (RUN/stats, RUN/figures)."""
@@ -84,6 +93,7 @@ def stats(
             engine=engine,
             alpha=alpha,
             fdr_family=fdr_family,
+            captions=captions,
             figures=figures,
             progress=progress,
         )

@@ -66,8 +66,8 @@ def test_per_phenotype_families_keep_one_phenotypes_discoveries_from_loosening_a
     split = region_models(tables, methods=["ablation"], fdr_family="phenotype").set_index(["phenotype", "region"])
     np.testing.assert_allclose(split["p"], pooled["p"].reindex(split.index))  # same fits, other families
     assert not np.allclose(split["q"], pooled["q"].reindex(split.index))
-    with pytest.raises(InputError, match="--fdr-family must be one of method, phenotype; 'all' was provided"):
-        region_models(tables, fdr_family="all")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="--fdr-family must be one of method, phenotype, all; 'study' was provided"):
+        region_models(tables, fdr_family="study")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- mixed models
