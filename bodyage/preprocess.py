@@ -233,7 +233,7 @@ def preprocess_scan(
         Naming the scan: missing or unreadable file, channels on different grids, NaN
         or infinite values, an empty channel, a mask on another grid than the images.
     """
-    from bodyage.volumes import load_volume, same_grid
+    from bodyage.volumes import load_labels, load_volume, same_grid
 
     sid = row["scan_id"]
     vols = []
@@ -262,7 +262,7 @@ def preprocess_scan(
     mask = None
     if "mask" in row.index and isinstance(row["mask"], str) and row["mask"]:
         try:
-            m = load_volume(study.path(row["mask"]))
+            m = load_labels(study.path(row["mask"]))
         except InputError as err:
             raise InputError(f"scan {sid}, mask: {err}") from err
         if not same_grid(m, vols[0], atol=1e-2):

@@ -317,7 +317,7 @@ def measure_study_scan(
     dict
         The measures, or ``{"error": message}`` when a file cannot be read.
     """
-    from bodyage.volumes import load_volume, same_grid
+    from bodyage.volumes import load_labels, load_volume, same_grid
 
     try:
         water = load_volume(paths["water"], dtype=np.float32)
@@ -330,7 +330,7 @@ def measure_study_scan(
     region_note = None
     if mask is not None and sat_id is not None:
         try:
-            m = load_volume(mask)
+            m = load_labels(mask)
             if same_grid(m, water):
                 sat = np.asarray(m.data) == sat_id
             else:

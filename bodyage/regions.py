@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from bodyage.errors import InputError
+from bodyage.errors import InputError, quoted
 
 #: TotalSegmentator task whose classes keep their ids (1–50)
 ORGAN_TASK = "total_mr"
@@ -26,6 +26,9 @@ ORGAN_TASK = "total_mr"
 TISSUE_TASK = "tissue_types_mr"
 #: first id given to the tissue classes in the combined map
 TISSUE_ID_OFFSET = 50
+
+#: largest label id: masks are stored as uint16, and per-label tables are sized by the largest id
+MAX_LABEL_ID = 65535
 
 RegionKind = Literal["organ", "bone", "muscle", "vessel", "fat", "nervous", "other"]
 
@@ -117,7 +120,7 @@ class LabelTable:
     Attributes
     ----------
     names
-        ``{id: name}``, ids > 0 (0 is background).
+        ``{id: name}``, ids from 1 to :data:`MAX_LABEL_ID` (0 is background).
     """
 
     names: Mapping[int, str]
@@ -126,7 +129,9 @@ class LabelTable:
         seen: dict[str, int] = {}
         for label_id, name in self.names.items():
             if not isinstance(label_id, int) or label_id <= 0:
-                raise InputError(f"label ids must be positive integers; got {label_id!r} for {name!r}")
+                raise InputError(f"label ids must be positive integers; got {quoted(label_id)} for {quoted(name)}")
+            if label_id > MAX_LABEL_ID:
+                raise InputError(f"label id {label_id} of {quoted(name)} is larger than {MAX_LABEL_ID}")
             if name in seen:
                 raise InputError(f"region name {name!r} has two ids: {seen[name]} and {label_id}")
             seen[name] = label_id
@@ -173,12 +178,21 @@ class LabelTable:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> LabelTable:
-        """Read a ``labels.json``; raise :class:`InputError` naming the file on problems."""
+        """Read a ``labels.json``; raise :class:`InputError` naming the file on problems.
+
+        Raises
+        ------
+        InputError
+            If the file is missing, not UTF-8, not a JSON object ``{id: name}``, or an id
+            is not an integer from 1 to :data:`MAX_LABEL_ID`.
+        """
         p = Path(path)
         try:
-            raw = json.loads(p.read_text(encoding="utf-8"))
+            raw = json.loads(p.read_bytes().decode("utf-8-sig"))
         except FileNotFoundError as err:
             raise InputError(f"{p}: label table not found") from err
+        except UnicodeDecodeError as err:
+            raise InputError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from err
         except json.JSONDecodeError as err:
             raise InputError(f"{p}: not valid JSON ({err.msg} at line {err.lineno})") from err
         if not isinstance(raw, dict):
@@ -188,11 +202,18 @@ class LabelTable:
             try:
                 label_id = int(key)
             except ValueError as err:
-                raise InputError(f"{p}: label id {key!r} is not an integer") from err
+                raise InputError(f"{p}: label id {quoted(key)} is not an integer") from err
+            if not 1 <= label_id <= MAX_LABEL_ID:
+                raise InputError(f"{p}: label id {quoted(key)} is outside 1-{MAX_LABEL_ID} (0 is the background)")
             if not isinstance(value, str):
-                raise InputError(f"{p}: label {key} has name {value!r}, expected a string")
+                raise InputError(f"{p}: label {quoted(key)} has name {quoted(value)}, expected a string")
+            if label_id in names:
+                raise InputError(f"{p}: label id {label_id} is given twice")
             names[label_id] = value
-        return cls(names)
+        try:
+            return cls(names)
+        except InputError as err:
+            raise InputError(f"{p}: {err}") from err
 
 
 def totalsegmentator_class_map(task: str) -> dict[int, str]:

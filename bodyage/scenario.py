@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from bodyage._typing import AGEING_EFFECTS, PHENOTYPE_TYPES, AgeingEffect, PhenotypeType
-from bodyage.errors import BodyageWarning, ScenarioError
+from bodyage.errors import BodyageWarning, ScenarioError, quoted
 from bodyage.regions import LabelTable, combined_label_table
 
 #: names of the scenarios shipped with the package (``bodyage/scenarios/<name>.yaml``)
@@ -413,26 +413,87 @@ def load_scenario(
         If the name is neither built in nor an existing file, the YAML does not parse,
         or :func:`parse_scenario` rejects it.
     """
-    import yaml
-
     if isinstance(scenario, Mapping):
         return parse_scenario(scenario, labels=labels)
-    text: str
     name = str(scenario)
     if name in BUILTIN_SCENARIOS:
         text = resources.files("bodyage.scenarios").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-        source = f"{name}.yaml"
-    else:
-        path = Path(name)
-        if not path.is_file():
-            raise ScenarioError(
-                f"scenario {name!r} is neither a built-in scenario ({', '.join(BUILTIN_SCENARIOS)}) nor a file"
-            )
-        text = path.read_text(encoding="utf-8")
-        source = path.name
+        raw = parse_yaml(text, what=f"scenario {name}.yaml")
+        return parse_scenario(raw, source=f"{name}.yaml", labels=labels)
+    path = Path(name)
+    if not path.is_file():
+        raise ScenarioError(
+            f"scenario {quoted(name)} is neither a built-in scenario ({', '.join(BUILTIN_SCENARIOS)}) nor a file"
+        )
+    raw = read_yaml(path, what=f"scenario {path.name}")
+    return parse_scenario(raw, source=path.name, labels=labels)
+
+
+# ----------------------------------------------------------------------------- YAML
+
+#: largest YAML file read (bytes): a scenario or region set is a few kilobytes
+MAX_YAML_BYTES = 1_000_000
+#: deepest nesting of mappings and lists in a YAML file
+MAX_YAML_DEPTH = 32
+
+
+def read_yaml(path: str | os.PathLike[str], *, what: str) -> Any:
+    """Read a small YAML file safely: size-capped, UTF-8, no anchors or aliases.
+
+    Parameters
+    ----------
+    path
+        The file.
+    what
+        How error messages name it, e.g. ``"scenario my.yaml"``.
+
+    Raises
+    ------
+    ScenarioError
+        If the file is larger than :data:`MAX_YAML_BYTES`, not UTF-8, or
+        :func:`parse_yaml` refuses it.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ScenarioError(f"{what}: {size:,} bytes, larger than the {MAX_YAML_BYTES:,} a YAML file may have")
     try:
-        raw = yaml.safe_load(text)
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ScenarioError(f"{what}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from err
+    return parse_yaml(text, what=what)
+
+
+def parse_yaml(text: str, *, what: str) -> Any:
+    """Parse YAML with the safe loader, refusing anchors and aliases.
+
+    Aliases let a few hundred bytes expand to gigabytes ("billion laughs"); nothing in
+    a scenario needs them, so a document holding one is refused before it is built.
+
+    Raises
+    ------
+    ScenarioError
+        If the text is longer than :data:`MAX_YAML_BYTES`, holds an anchor (``&name``) or
+        alias (``*name``), nests deeper than :data:`MAX_YAML_DEPTH`, or is not valid YAML.
+    """
+    import yaml
+
+    if len(text) > MAX_YAML_BYTES:
+        raise ScenarioError(f"{what}: {len(text):,} characters, more than the {MAX_YAML_BYTES:,} YAML may have")
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: nothing is built yet
+            line = event.start_mark.line + 1 if event.start_mark is not None else "?"
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ScenarioError(f"{what}: line {line}: YAML anchors and aliases (&name, *name) are not allowed")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:  # PyYAML's time grows with the square of the depth
+                    raise ScenarioError(f"{what}: line {line}: nested more than {MAX_YAML_DEPTH} levels deep")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ScenarioError(f"scenario {source}: not valid YAML ({str(err).splitlines()[0]})") from err
-    sc = parse_scenario(raw, source=source, labels=labels)
-    return sc
+        raise ScenarioError(f"{what}: not valid YAML ({str(err).splitlines()[0]})") from err
+    except RecursionError as err:
+        raise ScenarioError(f"{what}: nested too deeply to be read") from err

@@ -12,6 +12,7 @@ import numpy.typing as npt
 
 from bodyage.atomic import atomic_path
 from bodyage.errors import InputError
+from bodyage.regions import MAX_LABEL_ID
 
 #: affines equal within this tolerance (mm) are the same grid
 AFFINE_ATOL_MM = 1e-3
@@ -75,21 +76,83 @@ def load_volume(path: str | os.PathLike[str], *, ras: bool = True, dtype: npt.DT
         img = nib.load(str(p))
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             raise InputError(f"{p}: not a NIfTI image ({type(img).__name__})")
-        orientation = tuple(str(c) for c in nib.aff2axcodes(img.affine))
+        affine = np.asarray(img.affine, dtype=np.float64)
+        # before reorienting: nibabel cannot reorient a singular affine (OrientationError)
+        check_affine(affine, what=str(p))
+        orientation = tuple(str(c) for c in nib.aff2axcodes(affine))
         if ras:
             img = nib.as_closest_canonical(img)
+            affine = np.asarray(img.affine, dtype=np.float64)
         data = np.asanyarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        zlib.error,
+        nib.filebasedimages.ImageFileError,
+        nib.orientations.OrientationError,
+    ) as err:
         # zlib.error: a corrupt .nii.gz stream (not an OSError)
         raise InputError(f"{p}: cannot read NIfTI ({err})") from err
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise InputError(f"{p}: expected a 3D volume, found shape {data.shape}")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise InputError(f"{p}: singular affine (zero voxel size)")
     return Volume(data=data, affine=affine, orientation=(orientation[0], orientation[1], orientation[2]))
+
+
+def check_affine(affine: npt.NDArray[np.float64], *, what: str) -> None:
+    """Raise :class:`InputError` if ``affine`` has non-finite entries or is singular.
+
+    Raises
+    ------
+    InputError
+        ``<what>: singular affine (...)``: a zero voxel size or two axes pointing the same
+        way, which no reorientation or resampling can use.
+    """
+    if not np.isfinite(affine).all():
+        raise InputError(f"{what}: singular affine (it holds NaN or infinite values)")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"{what}: singular affine (zero voxel size or axes not independent)")
+
+
+def load_labels(path: str | os.PathLike[str], *, ras: bool = True) -> Volume:
+    """Load a label map (mask): :func:`load_volume`, then check the values are label ids.
+
+    Float files are accepted when every value is a whole number (NIfTI writers often
+    store labels as float); the data are returned as ``uint8`` or ``uint16``.
+
+    Raises
+    ------
+    InputError
+        As :func:`load_volume`, or if a value is NaN, infinite, not a whole number,
+        negative or above :data:`bodyage.regions.MAX_LABEL_ID`.
+    """
+    vol = load_volume(path, ras=ras)
+    arr = np.asarray(vol.data)
+    what = f"{Path(path)}: mask"
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise InputError(f"{what} holds {int(bad.sum())} NaN or infinite voxels; expected integer label ids")
+        frac = arr != np.floor(arr)
+        if frac.any():
+            raise InputError(
+                f"{what} holds non-integer values (e.g. {float(arr[frac][0]):g} in {int(frac.sum())} voxels); "
+                "expected integer label ids"
+            )
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{what} has dtype {arr.dtype}; expected integer label ids")
+    if arr.size:
+        lo, hi = arr.min(), arr.max()
+        if lo < 0:
+            raise InputError(f"{what} holds negative label ids (min {lo:g})")
+        if hi > MAX_LABEL_ID:
+            raise InputError(f"{what} holds label id {hi:g}, above the largest allowed ({MAX_LABEL_ID})")
+    dtype = np.uint8 if not arr.size or arr.max() <= 255 else np.uint16
+    return Volume(data=arr.astype(dtype, copy=False), affine=vol.affine, orientation=vol.orientation)
 
 
 def save_volume(

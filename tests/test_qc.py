@@ -26,6 +26,7 @@ from ukb_factories import (
     fake_ukb,
     make_scan,
     save_ras,
+    save_singular,
 )
 
 from bodyage._typing import QC_FLAGS
@@ -319,3 +320,23 @@ def test_cli_qc_missing_study_is_one_line(tmp_path: Path) -> None:
     )
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: study folder not found"]
+
+
+def test_a_singular_affine_is_an_unreadable_row_not_a_crash(qc_study: tuple[Path, QcSummary], tmp_path: Path) -> None:
+    # nibabel's reorientation used to raise OrientationError before bodyage checked the affine
+    src, _ = qc_study
+    out = tmp_path / "study"
+    shutil.copytree(src, out, symlinks=True)
+    (out / "qc.csv").unlink()
+    water = out / "images" / "1000011_2_water.nii.gz"
+    data = np.asarray(load_volume(water, dtype=np.float32).data)
+    water.unlink()
+    save_singular(water, data)
+    with pytest.raises(InputError, match=r"1000011_2_water.nii.gz: singular affine \(zero voxel size"):
+        load_volume(water)
+    summary = run_qc(out, figures=False)
+    table = pd.read_csv(out / "qc.csv", dtype={"subject_id": str}).set_index("scan_id")
+    assert len(table) == 12 and summary.flagged["unreadable"] == 2
+    assert table.loc["1000011_2", "unreadable"]
+    assert "singular affine" in table.loc["1000011_2", "error"]
+    assert not table.loc["1000022_2", "unreadable"]

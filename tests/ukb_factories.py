@@ -296,6 +296,18 @@ def save_ras(path: Path, data: Array, orientation: str = "RAS", dtype: npt.DType
     return path
 
 
+def save_singular(path: Path, data: Array) -> Path:
+    """Save ``data`` with a singular affine: the z column of the sform is zero, no qform."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(data), _affine(data.shape, "RAS"))
+    img.header.set_qform(None, code=0)
+    img.header["sform_code"] = 1
+    img.header["srow_z"] = [0.0, 0.0, 0.0, 0.0]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), None, img.header), str(path))
+    return path
+
+
 def make_scan(kind: str, rng: np.random.Generator) -> tuple[Array, Array]:
     """The phantom of one scan of :data:`SCANS`, broken as ``kind`` says (RAS order)."""
     water, fat = body_phantom(rng)
