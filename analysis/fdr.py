@@ -19,8 +19,6 @@ The phenotype (age-gap) models are a family of their own: the phenotypes of each
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
@@ -142,8 +140,3 @@ def family_text(family: str, *, phenotypes: bool = True) -> str:
     """
     words = _FAMILY_WORDS if phenotypes else _FAMILY_WORDS_NO_PHENOTYPE
     return words.get(family, family)  # type: ignore[call-overload]
-
-
-def family_names(families: Sequence[str]) -> str:
-    """``"method"``, or ``"method, phenotype"`` when rows of several families are mixed."""
-    return ", ".join(dict.fromkeys(str(f) for f in families))
