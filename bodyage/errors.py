@@ -43,6 +43,10 @@ class RunError(InputError):
     """A run folder is missing outputs of an earlier step, or they are inconsistent."""
 
 
+class OutputError(BodyageError):
+    """An output file cannot be written (disk full, quota, read-only folder, permission)."""
+
+
 class CheckpointError(BodyageError):
     """A model checkpoint does not match the run (grid, channels, hyper-parameters)."""
 

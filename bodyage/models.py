@@ -41,6 +41,9 @@ class ModelSpec:
     default_layer: str
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    #: a grid side after one downsampling between stages (max-pooling floors, a strided
+    #: convolution with padding 1 rounds up)
+    halve: Callable[[int], int] = field(default=lambda n: n // 2)
 
 
 def _pooled_head(*modules: nn.Module) -> nn.Module:
@@ -179,6 +182,7 @@ MODELS: dict[str, ModelSpec] = {
         default_layer="block1",
         defaults={"widths": [16, 32, 64, 64], "dropout": 0.2},
         description="small 3D ResNet, two basic blocks per stage",
+        halve=lambda n: (n + 1) // 2,
     ),
 }
 
@@ -195,6 +199,29 @@ def build_model(name: str, in_channels: int, **kwargs: Any) -> nn.Module:
     spec = get_model_spec(name)
     params = {**spec.defaults, **kwargs}
     return spec.build(in_channels, **params)
+
+
+def check_grid(name: str, grid: Sequence[int], **kwargs: Any) -> None:
+    """Check that every stage of model ``name`` keeps at least one voxel of ``grid``.
+
+    Raises
+    ------
+    InputError
+        Naming ``--model-options`` and the grid, if the stages halve a side of the grid
+        to nothing (``widths`` longer than the grid allows).
+    """
+    spec = get_model_spec(name)
+    widths = list({**spec.defaults, **kwargs}.get("widths", []))
+    sides = list(grid)
+    for stage in range(2, len(widths) + 1):
+        sides = [spec.halve(n) for n in sides]
+        if min(sides) < 1:
+            fits = stage - 1
+            shown = "x".join(str(n) for n in grid)
+            raise InputError(
+                f"--model-options widths {widths} ({len(widths)} stages) is too deep for the grid {shown}: "
+                f"at most {fits} stages fit it; give fewer widths or a finer --grid"
+            )
 
 
 def layer_names(model: nn.Module) -> list[str]:

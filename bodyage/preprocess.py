@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from bodyage.atomic import write_json, write_with
+from bodyage.atomic import remove_stale_temps, write_json, write_with
 from bodyage.errors import InputError
 from bodyage.progress import NO_PROGRESS, Progress
 from bodyage.study import Study
@@ -288,6 +288,7 @@ def build_cache(
     root = Path(cache_root) if cache_root is not None else study.root / CACHE_DIR
     folder = root / settings.key()
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)  # half-written tensors of a killed run
     manifest_path = folder / MANIFEST
     manifest: dict[str, Any] = {"settings": json.loads(json.dumps(asdict(settings))), "scans": {}}
     if manifest_path.is_file():

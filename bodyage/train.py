@@ -10,7 +10,9 @@ Resume: after every epoch the fold's state (model, optimiser, scheduler, best mo
 history, random states) is written atomically to ``models/fold{k}.partial.pt``; a
 finished fold leaves ``models/fold{k}.pt`` and ``models/fold{k}.predictions.parquet``.
 Running the same command again skips finished folds and continues an interrupted one at
-its last completed epoch.
+its last completed epoch; a fold whose checkpoint says it had stopped early is finalised
+from its best state without training further, and a corrupt partial checkpoint is
+deleted with a warning and its fold trained again.
 
 Scale out: under ``torchrun --nproc_per_node N`` each fold is trained with
 DistributedDataParallel (NCCL on GPU, gloo on CPU), each rank taking its share of every
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -34,11 +37,11 @@ import numpy.typing as npt
 import pandas as pd
 
 from bodyage.accuracy import prediction_metrics
-from bodyage.atomic import write_json, write_with
+from bodyage.atomic import remove_stale_temps, write_json, write_with
 from bodyage.distributed import WorldInfo, world_info
-from bodyage.errors import CheckpointError, InputError, RunError
+from bodyage.errors import BodyageWarning, CheckpointError, InputError, RunError
 from bodyage.folds import BiasCorrection, assign_folds, inner_split
-from bodyage.models import MODELS, build_model, get_model_spec
+from bodyage.models import MODELS, build_model, check_grid, get_model_spec
 from bodyage.preprocess import CacheResult, PreprocessSettings, build_cache
 from bodyage.progress import NO_PROGRESS, Progress
 from bodyage.provenance import build_run_record, finish_run_record, write_record
@@ -386,6 +389,36 @@ def predict(
 
 # ----------------------------------------------------------------------------- one fold
 
+#: what a partial checkpoint must hold to be resumed from
+PARTIAL_KEYS = frozenset(
+    {"config_hash", "model", "optimizer", "scheduler", "epoch", "history_keys", "history", "best_val_mae"}
+    | {"best_epoch", "best_state", "generator", "torch_rng"}
+)
+
+
+def _load_partial(path: Path, device: torch.device) -> dict[str, Any] | None:
+    """Load a fold's partial checkpoint; a corrupt one is deleted with a warning (``None``).
+
+    The fold is then trained again from its start (seeded: the same model as an
+    uninterrupted run) instead of blocking the resume until the file is deleted by hand.
+    """
+    import torch
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not set(state) >= PARTIAL_KEYS:
+            raise ValueError("keys missing")
+    except Exception as err:
+        # torch's own message advises weights_only=False: not passed on
+        warnings.warn(
+            f"{path}: unreadable partial checkpoint ({type(err).__name__}); deleted, the fold is trained again",
+            BodyageWarning,
+            stacklevel=3,
+        )
+        path.unlink(missing_ok=True)
+        return None
+    return state
+
 
 def _train_fold(
     k: int,
@@ -430,8 +463,14 @@ def _train_fold(
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"val_mae": float("inf"), "epoch": -1, "state_dict": None}
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + k)
-    if partial_file.is_file():
-        state = torch.load(partial_file, map_location=device, weights_only=True)
+    # the inner-validation MAE is watched from the second half of the one-cycle schedule
+    # on: near the peak learning rate it swings by tens of years (BatchNorm statistics of a
+    # fast-moving network), and an early best there once stopped a fold at epoch 15 of 40
+    # with a model that was never annealed
+    watch_from = max(1, cfg.epochs // 2)
+    stop = False
+    state = _load_partial(partial_file, device) if partial_file.is_file() else None
+    if state is not None:
         if state.get("config_hash") != hp["config_hash"]:
             raise RunError(f"{partial_file}: belongs to a run with other settings; delete it or use a new --run folder")
         model.load_state_dict(state["model"])
@@ -446,6 +485,10 @@ def _train_fold(
         }
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        # a fold killed after its early stop was saved is finished: finalise it, train no
+        # further (checkpoints older than the flag: the stopping rule gives the same answer)
+        stale_saved = 0 if best["epoch"] < 0 else len(history) - 1 - best["epoch"]
+        stop = bool(state.get("stopped", int(state["epoch"]) >= watch_from and stale_saved >= cfg.patience))
 
     bar = progress.task(f"fold {k + 1}/{cfg.folds}", cfg.epochs)
     if start_epoch:
@@ -453,12 +496,7 @@ def _train_fold(
     perm_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, k, 0xE90C]))
     perms = [perm_rng.permutation(len(train_idx)) for _ in range(cfg.epochs)]
     stale = 0 if best["epoch"] < 0 else len(history) - 1 - best["epoch"]
-    # the inner-validation MAE is watched from the second half of the one-cycle schedule
-    # on: near the peak learning rate it swings by tens of years (BatchNorm statistics of a
-    # fast-moving network), and an early best there once stopped a fold at epoch 15 of 40
-    # with a model that was never annealed
-    watch_from = max(1, cfg.epochs // 2)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, start_epoch if stop else cfg.epochs):
         t0 = time.perf_counter()
         net.train()
         total, count = 0.0, 0
@@ -530,13 +568,14 @@ def _train_fold(
                 "best_state": best["state_dict"],
                 "generator": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "stopped": stop,
             }
             write_with(partial_file, partial(torch.save, state))
         if stop:
             log.info("fold %d: early stop at epoch %d (best %d)", k, epoch, best["epoch"])
             break
     bar.close()
-    stopped_early = bool(history) and len(history) < cfg.epochs
+    stopped_early = stop and len(history) < cfg.epochs
     if (cfg.select == "last" and not stopped_early) or best["state_dict"] is None:
         # the one-cycle schedule anneals to ~0: the last epoch is the model the schedule
         # was built for; picking the best of 40 noisy inner-validation scores selects noise
@@ -644,11 +683,14 @@ def train_run(
 
         grid = auto_grid(load_volume(study.path(cohort.iloc[0][cfg.channels[0]])).shape)
         cfg = replace(cfg, grid=grid)
+    check_grid(cfg.model, grid, **cfg.model_kwargs)  # before the run folder exists
     settings = PreprocessSettings(grid=grid, channels=cfg.channels)
     config_hash = _config_hash(cfg, study.root, settings)
     if info.is_main:
         _check_run_folder(run, config_hash)
         (run / "models").mkdir(parents=True, exist_ok=True)
+        for folder in (run, run / "models", run / "figures"):  # what a killed run left half-written
+            remove_stale_temps(folder)
     _barrier(info)
 
     record = build_run_record(

@@ -254,6 +254,108 @@ def test_an_interrupted_run_resumes_to_the_same_complete_result(tiny_study: Path
     pd.testing.assert_frame_equal(a, b, atol=1e-4)  # resumed from saved optimiser and random states
 
 
+def test_a_kill_after_an_early_stop_resumes_to_the_same_model(
+    tiny_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # patience 1, 6 epochs: watched from epoch 3, a fold that stops does so at epoch 4 and
+    # keeps epoch 3; resumed without the stop recorded it trained epoch 5 and kept that
+    cfg = replace(TINY, folds=2, epochs=6, patience=1, seed=0)
+    whole = train_run(tiny_study, tmp_path / "whole", cfg, cache_dir=tmp_path / "cache", figures=False)
+    log = pd.read_csv(whole.run / "training_log.csv")
+    stopped = [k for k, n in log.groupby("fold").size().items() if n < cfg.epochs]
+    assert stopped  # at least one fold stopped early (fold 0 at seed 0)
+    calls: list[int] = []
+    fit = BiasCorrection.fit
+
+    def killed(age: object, predicted: object) -> BiasCorrection:
+        calls.append(1)
+        if len(calls) > stopped[0]:  # after the fold's last partial checkpoint, before its final files
+            raise _Interrupt
+        return fit(age, predicted)  # type: ignore[arg-type]
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(BiasCorrection, "fit", killed)
+        with pytest.raises(_Interrupt):
+            train_run(tiny_study, run, cfg, cache_dir=tmp_path / "cache", figures=False)
+    assert (run / "models" / f"fold{stopped[0]}.partial.pt").is_file()
+    assert not (run / "models" / f"fold{stopped[0]}.pt").exists()
+
+    train_run(tiny_study, run, cfg, cache_dir=tmp_path / "cache", figures=False)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(whole.run / "predictions.parquet"),
+        pd.read_parquet(run / "predictions.parquet"),
+        check_exact=True,
+    )
+    cols = ["fold", "epoch", "val_mae"]  # no epoch trained after the stop
+    pd.testing.assert_frame_equal(log[cols], pd.read_csv(run / "training_log.csv")[cols], check_exact=True)
+
+
+def test_a_corrupt_partial_checkpoint_is_discarded_with_a_warning(tiny_study: Path, tmp_path: Path) -> None:
+    from bodyage.errors import BodyageWarning
+
+    cfg = replace(TINY, folds=2, epochs=2)
+    whole = train_run(tiny_study, tmp_path / "whole", cfg, cache_dir=tmp_path / "cache", figures=False)
+    run = tmp_path / "run"
+    with pytest.raises(_Interrupt):  # killed in fold 1 after its first epoch
+        train_run(tiny_study, run, cfg, cache_dir=tmp_path / "cache", progress=_KillAfter(3), figures=False)
+    partial = run / "models" / "fold1.partial.pt"
+    partial.write_bytes(partial.read_bytes()[:300])  # a torn write on a file system without atomic rename
+    with pytest.warns(
+        BodyageWarning, match=r"fold1\.partial\.pt: unreadable partial checkpoint .*trained again"
+    ) as rec:
+        train_run(tiny_study, run, cfg, cache_dir=tmp_path / "cache", figures=False)
+    assert not any("weights_only" in str(w.message) for w in rec)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(whole.run / "predictions.parquet"), pd.read_parquet(run / "predictions.parquet"), atol=1e-4
+    )
+
+
+def test_a_full_disk_is_one_error_line_naming_the_file(
+    tiny_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import torch
+
+    def full(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", str(tiny_study), "--run", str(run), *TINY_ARGS, "--cache", str(tmp_path / "c")])
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: {run / 'models' / 'fold0.partial.pt'}: cannot be written (No space left on device)"]
+    assert "Traceback" not in res.output and not list((run / "models").glob(".*tmp*"))
+
+
+def test_temporary_files_of_a_killed_run_are_removed_on_start(tiny_run: Path, tiny_study: Path, tmp_path: Path) -> None:
+    from bodyage.atomic import STALE_SECONDS, _host
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    models = run / "models"
+    stale = [
+        models / f".fold0.pt.{_host()}-{int(dead.stdout)}.a1b2c3d4.tmp.pt",  # this host, process gone
+        run / ".metrics.json.otherhost-17.zzzz9999.tmp.json",  # another host, two days old
+        models / ".fold1.pt.q7w8e9r0.tmp.pt",  # an older version's name, two days old
+    ]
+    kept = [
+        models / f".fold1.pt.{_host()}-{os.getpid()}.k1k2k3k4.tmp.pt",  # being written now
+        run / ".predictions.parquet.otherhost-17.abcd1234.tmp.parquet",  # another host, fresh
+        models / ".notes.txt",  # not ours
+    ]
+    for f in stale + kept:
+        f.write_bytes(b"half")
+    for f in stale[1:]:
+        os.utime(f, (f.stat().st_atime - STALE_SECONDS - 3600,) * 2)
+    train_run(tiny_study, run, TINY, cache_dir=tiny_run.parent / "cache", figures=False)
+    assert [f.name for f in stale if f.exists()] == []
+    assert [f.name for f in kept if f.exists()] == [f.name for f in kept]
+
+
 def test_a_run_folder_with_other_settings_is_refused(tiny_run: Path, tiny_study: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -333,6 +435,11 @@ def test_a_corrupt_scan_is_listed_not_dropped(tiny_study: Path, tmp_path: Path) 
         (["--device", "tpu"], "--device must be auto, cpu or cuda, got 'tpu'"),
         (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
         (["--exclude-qc", "blurry"], "blurry"),
+        (
+            ["--grid", "32,24,64", "--model-options", '{"widths": [8, 16, 32, 64, 128, 256, 512]}'],
+            "--model-options widths [8, 16, 32, 64, 128, 256, 512] (7 stages) is too deep for the grid 32x24x64: "
+            "at most 5 stages fit it",
+        ),
     ],
 )
 def test_bad_options_say_what_is_wrong(tiny_study: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -340,7 +447,7 @@ def test_bad_options_say_what_is_wrong(tiny_study: Path, tmp_path: Path, args: l
     res = runner.invoke(app, [*base, *args])
     assert res.exit_code == 1, res.output
     assert message in res.output
-    assert not (tmp_path / "run" / "models").exists()  # nothing started
+    assert not (tmp_path / "run").exists()  # nothing started, no folder to refuse other settings later
 
 
 def test_missing_study_and_missing_ages(tmp_path: Path, tiny_study: Path) -> None:
