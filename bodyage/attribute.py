@@ -21,13 +21,15 @@ writes, in ``RUN/``:
 - ``attribute.json``: provenance; ``failures.csv`` gains the scans that could not be
   explained (stage ``attribute``), next to those of ``train``;
 - ``figures/``: cohort figures, and with ``save_maps`` the maps of N scans under
-  ``attribute/maps/`` (NIfTI + PNG).
+  ``attribute/maps/`` (NIfTI + PNG, named by an anonymous index; ``maps.csv`` maps it to
+  the scan).
 
 **Resume.** Each scan × method result is written atomically to
 ``RUN/attribute/parts/<method>-<fingerprint>/<scan id>.parquet`` (the fingerprint hashes
 the checkpoint, label table and the method's settings); a scan with a result is skipped,
 so a killed run started again does only the rest, and a method added later reuses the
-others. The tables are merged from the parts at the end.
+others. Batches are cut from all of a fold's scans, done or not, so a scan's values do not
+depend on where a run was killed. The tables are merged from the parts at the end.
 
 **Scale.** Under ``torchrun --nproc_per_node N`` scans are split by rank; each rank writes
 its parts, all meet at a barrier, and rank 0 merges.
@@ -51,7 +53,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from bodyage.atomic import write_json, write_with
+from bodyage.atomic import remove_stale_temps, write_json, write_with
 from bodyage.attribution import (
     BASELINES,
     COHORT_MEAN_BASELINES,
@@ -587,6 +589,7 @@ def attribute_run(
     todo = cached.iloc[ok_rows].sort_values(["fold", "scan_id"]).reset_index(drop=True)
     for m in cfg.methods:
         part_dir(run, m, fps[m]).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(part_dir(run, m, fps[m]))  # half-written parts of a killed run
 
     means = None
     if any(METHODS[m].level == "region" for m in cfg.methods) and cfg.baseline in COHORT_MEAN_BASELINES and len(todo):
@@ -599,7 +602,7 @@ def attribute_run(
         for k in folds:
             fold_rows = mine[mine["fold"] == k]
             pending = {
-                m: [sid for sid in fold_rows["scan_id"] if not (part_dir(run, m, fps[m]) / f"{sid}.parquet").is_file()]
+                m: {sid for sid in fold_rows["scan_id"] if not (part_dir(run, m, fps[m]) / f"{sid}.parquet").is_file()}
                 for m in cfg.methods
             }
             need = sorted(set().union(*pending.values())) if pending else []
@@ -612,10 +615,14 @@ def attribute_run(
             for p in model.parameters():
                 p.requires_grad_(False)
             age_sd = float(hp["age_sd"])
-            sub_all = fold_rows.set_index("scan_id").loc[need].reset_index()
-            for start in range(0, len(sub_all), cfg.batch_size):
-                sub = sub_all.iloc[start : start + cfg.batch_size]
+            # batches are cut from all of the fold's scans, done or not, so a resumed run
+            # explains each scan in the same batch as an uninterrupted one: bit-identical
+            # values (convolution kernels round differently by batch size, ~1e-7 years)
+            for start in range(0, len(fold_rows), cfg.batch_size):
+                sub = fold_rows.iloc[start : start + cfg.batch_size]
                 sids = list(sub["scan_id"])
+                if not any(s in pending[m] for m in cfg.methods for s in sids):
+                    continue
                 scans = [inputs.cache.scans[s] for s in sids]
                 x = torch.from_numpy(np.stack([np.asarray(c.load(), dtype=np.float32) for c in scans])).to(dev)
                 lab = torch.from_numpy(np.stack([np.asarray(c.load_mask(), dtype=np.int64) for c in scans])).to(dev)
@@ -640,8 +647,9 @@ def attribute_run(
                             df,
                             slice_parts[i] if slice_parts is not None else None,
                         )
-                n_new += len(sids)
-                bar.advance(len(sids))
+                n_done = sum(any(s in pending[m] for m in cfg.methods) for s in sids)
+                n_new += n_done
+                bar.advance(n_done)
         bar.close()
         barrier()
 

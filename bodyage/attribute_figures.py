@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from bodyage.attribute import AttributeConfig, RunInputs
 
 MAPS_DIR = "attribute/maps"
+#: which scan each anonymous map is (the only place its id is written)
+MAP_INDEX = "maps.csv"
 KIND_COLOURS: dict[str, str] = {
     "organ": "#1b9e77",
     "muscle": "#d95f02",
@@ -233,7 +235,10 @@ def save_maps(
     """NIfTI (image grid and affine) and PNG maps of the scans in ``rows``, every method.
 
     Voxel methods are upsampled linearly from the model grid to the image grid; region
-    methods are painted onto the regions (nearest neighbour).
+    methods are painted onto the regions (nearest neighbour), the background (label 0,
+    which no table reports) left NaN: transparent in the figure. Maps are named and titled
+    by an anonymous index (``map_000``, ...), never by scan id; ``maps.csv`` next to them
+    says which scan each one is.
     """
     import nibabel as nib
     import torch
@@ -247,10 +252,23 @@ def save_maps(
     folder = run / MAPS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     out: list[Path] = []
+    names = {str(sid): f"map_{i:03d}" for i, sid in enumerate(rows["scan_id"])}
+    index = pd.DataFrame(
+        {
+            "map": list(names.values()),
+            "scan_id": list(names),
+            "subject_id": rows["subject_id"].to_numpy(),
+            "visit": rows["visit"].to_numpy(),
+            "fold": rows["fold"].to_numpy(),
+        }
+    )
+    write_with(folder / MAP_INDEX, partial(index.to_csv, index=False))
+    out.append(folder / MAP_INDEX)
     for k, sub in rows.groupby("fold"):
         model, hp = load_fold_model(inputs.model_files[int(str(k))], device=device)
         for _, row in sub.iterrows():
             sid = str(row["scan_id"])
+            name = names[sid]
             cs = inputs.cache.scans[sid]
             x = torch.from_numpy(np.asarray(cs.load(), dtype=np.float32))[None].to(device)
             lab = torch.from_numpy(np.asarray(cs.load_mask(), dtype=np.int64))[None].to(device)
@@ -275,15 +293,16 @@ def save_maps(
                     grid_map = r.maps[0].double().cpu().numpy()
                     amap = _to_image_grid(grid_map, shape, 1)
                 else:
-                    vals = np.nan_to_num(np.asarray(r.region_values)[0], nan=0.0)
+                    vals = np.asarray(r.region_values, dtype=float)[0].copy()
+                    vals[0] = np.nan  # the background is no region: no table reports it
                     amap = vals[np.clip(labels_img, 0, len(vals) - 1)]
                 nifti = nib.Nifti1Image(amap.astype(np.float32), img.affine)
                 nifti.header["descrip"] = f"bodyage attribute {m} years"[:79].encode()
-                path = folder / f"{sid}_{m}.nii.gz"
+                path = folder / f"{name}_{m}.nii.gz"
                 write_with(path, partial(nib.save, nifti))
                 out.append(path)
-                _panel(axes[j], np.asarray(img.data, dtype=float), amap, labels_img, f"{sid} {m}")
-            out += _save(fig, folder, sid, exts=("png",))
+                _panel(axes[j], np.asarray(img.data, dtype=float), amap, labels_img, f"{name} {m}")
+            out += _save(fig, folder, name, exts=("png",))
             plt.close(fig)
     return out
 
@@ -292,7 +311,9 @@ def _panel(
     axes: Any, image: npt.NDArray[np.float64], amap: npt.NDArray[np.float64], labels: npt.NDArray[np.int64], title: str
 ) -> None:
     """Coronal (through the middle) and sagittal slices: image, signed overlay, region contours."""
-    lim = float(np.nanpercentile(np.abs(amap), 99.5)) or 1.0
+    finite = np.abs(amap[np.isfinite(amap)])
+    lim = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+    lim = lim if lim > 0 else 1.0
     cy, cx = image.shape[1] // 2, image.shape[0] // 2
     views = (
         ("coronal", image[:, cy, :], amap[:, cy, :], labels[:, cy, :]),

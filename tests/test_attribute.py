@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from bodyage.atomic import _host
 from bodyage.attribute import AttributeConfig, attribute_run, check_config, group_table
 from bodyage.attribution import attribute_batch, baseline_images, gradcam_maps, region_measures, region_sums
 from bodyage.errors import InputError, RunError
@@ -301,6 +302,73 @@ def test_an_interrupted_run_resumes_to_the_same_tables(tiny_run: Path, tmp_path:
     a = pd.read_parquet(whole / "attributions.parquet")
     b = pd.read_parquet(run / "attributions.parquet")
     pd.testing.assert_frame_equal(a, b, rtol=1e-5)
+
+
+def test_a_kill_mid_batch_resumes_to_identical_values(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bodyage.attribute as attribute
+
+    cache = tiny_run.parent / "cache"
+    cfg = AttributeConfig(methods=("gradcam", "ablation"), figures=False, batch_size=4)
+    whole = _copy_run(tiny_run, tmp_path / "a")
+    attribute_run(whole, cfg, cache_dir=cache)
+    run = _copy_run(tiny_run, tmp_path / "b")
+    write_part, written = attribute._write_part, []
+
+    def killed_mid_batch(path: Path, *args: object) -> None:
+        # a batch writes its 4 gradcam parts, then its ablation parts: killed after 2 of these,
+        # 2 scans are done and the rest of the fold would be batched from its third scan on
+        if len(written) == 6:
+            raise _Interrupt
+        write_part(path, *args)  # type: ignore[arg-type]
+        written.append(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(attribute, "_write_part", killed_mid_batch)
+        with pytest.raises(_Interrupt):
+            attribute_run(run, cfg, cache_dir=cache)
+    parts = written[0].parent
+    stale = parts / f".{written[0].name}.{_host()}-999999999.a1b2c3d4.tmp.parquet"  # a killed writer's leftover
+    stale.write_bytes(b"half")
+    res = attribute_run(run, cfg, cache_dir=cache)
+    assert res.n_skipped == 2
+    assert not stale.exists()
+    for table in ("attributions.parquet", "slice_profiles.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(whole / table), pd.read_parquet(run / table), check_exact=True)
+
+
+def test_saved_maps_are_anonymous_and_leave_the_background_out(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nibabel as nib
+
+    import bodyage.attribute_figures as figures
+
+    titles: list[str] = []
+    panel = figures._panel
+    monkeypatch.setattr(
+        figures,
+        "_panel",
+        lambda axes, image, amap, labels, title: (titles.append(title), panel(axes, image, amap, labels, title)),
+    )
+    run = _copy_run(tiny_run, tmp_path)
+    cfg = AttributeConfig(methods=("ablation", "gradcam"), figures=False, batch_size=4, save_maps=2)
+    attribute_run(run, cfg, cache_dir=tiny_run.parent / "cache")
+    maps = run / "attribute" / "maps"
+    index = pd.read_csv(maps / "maps.csv", dtype={"subject_id": str})
+    assert list(index["map"]) == ["map_000", "map_001"]
+    assert sorted(p.name for p in maps.iterdir()) == sorted(
+        ["maps.csv", "map_000.png", "map_001.png"] + [f"map_00{i}_{m}.nii.gz" for i in (0, 1) for m in cfg.methods]
+    )
+    assert titles == [f"{name} {m}" for name in index["map"] for m in cfg.methods]  # no scan id in a figure
+    attr = pd.read_parquet(run / "attributions.parquet")
+    for row in index.itertuples():
+        amap = np.asarray(nib.load(str(maps / f"{row.map}_ablation.nii.gz")).dataobj)
+        mass = attr.query("method == 'ablation' and subject_id == @row.subject_id and visit == @row.visit")["mass"]
+        painted = np.unique(amap[np.isfinite(amap)])
+        assert np.isnan(amap).mean() > 0.2  # the air around the body: no value, transparent
+        np.testing.assert_allclose(painted, np.unique(mass.dropna().astype(np.float32)), rtol=1e-6)
 
 
 @pytest.mark.slow
