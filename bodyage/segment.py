@@ -315,17 +315,33 @@ def finished_record(paths: StudyPaths, scan: str, fingerprint: str) -> dict[str,
     """Return the record of a scan finished with this configuration, or ``None``.
 
     Finished means: a record with this fingerprint, and the mask it describes on disk with
-    the recorded size (a mask replaced or truncated since does not count).
+    the recorded size and SHA-256 (a mask replaced, truncated or corrupted since does not
+    count). Records written before the checksum was kept need the mask to read whole.
     """
     rec = _read_json(paths.record(scan))
     if rec is None or rec.get("fingerprint") != fingerprint:
         return None
     mask = paths.mask(scan)
     try:
-        size = mask.stat().st_size
-    except OSError:
+        if mask.stat().st_size != rec.get("mask_bytes"):
+            return None
+        if "mask_sha256" in rec:
+            return rec if file_sha256(mask) == rec["mask_sha256"] else None
+        import nibabel as nib
+
+        np.asarray(nib.load(str(mask)).dataobj)  # type: ignore[attr-defined]  # every voxel: gzip checks its CRC
+    except Exception:
         return None
-    return rec if size == rec.get("mask_bytes") else None
+    return rec
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_record(paths: StudyPaths, scan: str, record: Mapping[str, Any]) -> None:
@@ -389,6 +405,7 @@ def _record(
         "scan_id": scan,
         "fingerprint": fingerprint,
         "mask_bytes": mask_path.stat().st_size,
+        "mask_sha256": file_sha256(mask_path),
         "voxel_ml": float(np.prod(spacing)) / 1000.0,
         "counts": {str(int(i)): int(counts[i]) for i in nz if i != 0},
         "notes": list(notes),
@@ -544,7 +561,10 @@ def _recover_record(
 
     scan = str(row["scan_id"])
     mask = paths.mask(scan)
-    if not mask.is_file() or read_stamp(mask) != fingerprint:
+    try:
+        if not mask.is_file() or read_stamp(mask) != fingerprint:
+            return None
+    except Exception:  # a damaged header (gzip, NIfTI): segment the scan again
         return None
     try:
         (mask_shape, mask_affine), (image_shape, image_affine) = (
@@ -557,7 +577,7 @@ def _recover_record(
         return None
     try:
         vol = load_volume(mask)
-    except InputError:
+    except Exception:  # InputError, or a damaged gzip stream nibabel passes on
         return None
     log.debug("scan %s: record rebuilt from its stamped mask", scan)
     return _record(scan, fingerprint, vol.data, vol.spacing, mask, table.max_id + 1, [])

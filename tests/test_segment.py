@@ -122,6 +122,22 @@ def test_resume_skips_finished_scans_and_ignores_half_written_files(study: Path)
     pd.testing.assert_frame_equal(pd.read_csv(masks / "qc.csv"), qc_before)
 
 
+def test_a_corrupt_mask_of_the_recorded_size_is_redone(study: Path) -> None:
+    segment_study(study, source=study.parent / "ts")
+    masks = study / "masks"
+    for scan in ("S001_0", "S003_0"):
+        mask = masks / f"{scan}.nii.gz"
+        data = bytearray(mask.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 16] = bytes(16)  # same size, damaged voxels
+        mask.write_bytes(bytes(data))
+    # a record of a version that kept no checksum: the mask must read whole instead
+    old = masks / ".segment" / "S003_0.json"
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "mask_sha256"}))
+    summary = segment_study(study, source=study.parent / "ts")
+    assert (summary.n_new, summary.n_skipped) == (2, 2)
+    _masks_equal(study, study.parent / "original_masks")
+
+
 def test_a_stamped_mask_without_its_record_is_not_redone(study: Path) -> None:
     segment_study(study, source=study.parent / "ts")
     (study / "masks" / ".segment" / "S001_0.json").unlink()  # killed between mask and record
