@@ -228,7 +228,6 @@ def phenotype_table(res: pd.DataFrame, alpha: float) -> tuple[pd.DataFrame, Late
     view = res.copy()
     view["block"] = np.where(view["model"] == "joint", "Joint model (all phenotypes)", "Separate models")
     flags = []
-    notes = []
     for _, row in view.iterrows():
         flag = []
         if row["boundary"]:
@@ -236,10 +235,12 @@ def phenotype_table(res: pd.DataFrame, alpha: float) -> tuple[pd.DataFrame, Late
         if not row["converged"]:
             flag.append("not converged")
         flags.append(", ".join(flag) or "--")
-        text = f"{row['model']} model of {row['phenotype']}: {row['warning']}."
-        if row["warning"] and text not in notes:
-            notes.append(text)
     view["flag"] = flags
+    # one warning text per fitted model (the joint model's rows share one fit), counted by kind
+    warned = summarise_warnings(
+        [*res.loc[res["model"] == "separate", "warning"], *res.loc[res["model"] == "joint", "warning"].head(1)],
+        where="the warning column of phenotype_models.csv",
+    )
     first = res.iloc[0]
     mixed = bool(first["random_effect"])
     re_text = f"random intercept for {first['random_effect']}" if mixed else "no random intercept"
@@ -274,7 +275,7 @@ def phenotype_table(res: pd.DataFrame, alpha: float) -> tuple[pd.DataFrame, Late
             f"q: Benjamini--Hochberg over the phenotypes of each model, significant at {alpha:g}.",
             *(f"Tests: {t.rstrip('.')}." for t in df_notes),
             exclusions_note(by_model),
-            *notes,
+            *([warned] if warned else []),
         ),
         section="block",
     )

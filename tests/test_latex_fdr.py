@@ -330,3 +330,35 @@ def test_cli_captions_error_is_one_line_and_fits_nothing(
     assert record.stat().st_mtime_ns == before  # checked before anything was fitted or written
     res = runner.invoke(app, ["stats", str(wide_run), "--fdr-family", "study"])
     assert res.exit_code == 2
+
+
+def test_phenotype_table_counts_warnings_instead_of_printing_them() -> None:
+    raw = "statsmodels: The MLE may be on the boundary of the parameter space."
+    boundary = "random-intercept variance of 'site' is on the boundary (≈ 0): the fixed effects equal an OLS fit"
+    res = pd.DataFrame(
+        {
+            "model": ["separate", "separate", "joint", "joint"],
+            "phenotype": ["diabetes", "bmi", "diabetes", "bmi"],
+            "per": ["carriers vs non-carriers", "per SD", "carriers vs non-carriers", "per SD"],
+            "n": [100, 100, 100, 100],
+            "estimate": [1.0, 0.2, 0.9, 0.1],
+            "se": [0.3, 0.1, 0.3, 0.1],
+            "ci_low": [0.4, 0.0, 0.3, -0.1],
+            "ci_high": [1.6, 0.4, 1.5, 0.3],
+            "p": [0.001, 0.05, 0.003, 0.3],
+            "q": [0.002, 0.05, 0.006, 0.3],
+            "boundary": [True, False, True, True],
+            "converged": [True, True, True, True],
+            "warning": [f"{raw}; {boundary}", "", boundary, boundary],
+            "random_effect": ["site"] * 4,
+            "fixed_effects": [""] * 4,
+            "correction": ["train"] * 4,
+            "covariates": ["age, sex"] * 4,
+        }
+    )
+    _, table = tab.phenotype_table(res, 0.05)
+    notes = " ".join(table.notes)
+    assert "statsmodels:" not in notes and "MLE" not in notes
+    # two fitted models on the boundary: one separate, the joint one (its two rows share one fit)
+    assert "Warnings: 2 models with a random-intercept variance on the boundary" in notes
+    assert "see the warning column of phenotype_models.csv" in notes
