@@ -53,7 +53,14 @@ def stats(
     level: Annotated[
         RegionLevel, typer.Option("--level", help="Regions one by one, or named groups (kidney = left + right).")
     ] = "region",
-    engine: Annotated[MixedEngine, typer.Option("--engine", help="Mixed-model solver.")] = "auto",
+    engine: Annotated[
+        MixedEngine,
+        typer.Option(
+            "--engine",
+            help="Mixed-model solver: auto = reml (exact REML as lme4, t-tests with Satterthwaite df); "
+            "statsmodels (MixedLM, z-tests).",
+        ),
+    ] = "auto",
     alpha: Annotated[float, typer.Option("--alpha", help="False discovery rate level.", min=0.0, max=1.0)] = 0.05,
     fdr_family: Annotated[
         FdrFamily,
