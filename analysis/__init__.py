@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from analysis.fdr import benjamini_hochberg
     from analysis.filters import Filter, parse_filter
     from analysis.phenotypes import phenotype_models
-    from analysis.regionmodels import importance_matrix, joint_region_model, region_gap_correlations, region_models
+    from analysis.regionjoint import joint_region_model
+    from analysis.regionmodels import importance_matrix, region_gap_correlations, region_models
     from analysis.report import ReportResult, write_report
     from analysis.run import RunTables, load_run
     from analysis.stats import StatsResult, run_stats
@@ -38,7 +39,7 @@ _EXPORTS: dict[str, str] = {
     "GapCorrectionResult": "analysis.agegap",
     "phenotype_models": "analysis.phenotypes",
     "region_models": "analysis.regionmodels",
-    "joint_region_model": "analysis.regionmodels",
+    "joint_region_model": "analysis.regionjoint",
     "region_gap_correlations": "analysis.regionmodels",
     "importance_matrix": "analysis.regionmodels",
     "compare": "analysis.compare",

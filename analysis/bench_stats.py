@@ -128,7 +128,8 @@ def bench_stats(
     import warnings
 
     from analysis.phenotypes import phenotype_models
-    from analysis.regionmodels import joint_region_model, region_gap_correlations, region_models
+    from analysis.regionjoint import joint_region_model
+    from analysis.regionmodels import region_gap_correlations, region_models
 
     cohort, predictions, attributions = synthetic_run(
         n_subjects, n_regions, n_phenotypes, n_methods, repeat_fraction=repeat_fraction, seed=seed

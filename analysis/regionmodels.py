@@ -18,15 +18,8 @@ Three analyses of the importance of each region (one column of ``attributions.pa
 :func:`region_gap_correlations`
     Partial correlation (pingouin ``partial_corr``) of each region's importance with the
     corrected age gap given the covariates, FDR over regions, on each subject's first scan.
-:func:`joint_region_model`
-    The long model ``importance ~ C(region) * (phenotype + covariates) + (1 | scan)``:
-    does the phenotype shift attribution toward a region beyond the whole body? With every
-    region present in every scan, its region-specific phenotype effects (sum-to-zero
-    coding) equal OLS fits of the importance centred on the scan's mean over regions, and
-    the whole-body effect is the fit of that mean; that is how it is computed (a test
-    compares it with statsmodels' MixedLM). Where regions are missing the centring uses
-    the regions present. Standard errors are per region (heteroscedastic across regions),
-    cluster-robust by subject with repeat visits.
+:func:`analysis.regionjoint.joint_region_model`
+    Which regions a phenotype shifts beyond the whole-body effect (its own module).
 
 Rows with a missing phenotype or covariate are excluded per phenotype and counted; a
 region missing from a scan (NaN) drops that scan for that region only (``n``).
@@ -59,7 +52,7 @@ from analysis.design import (
     is_binary,
     numeric_values,
 )
-from analysis.fdr import benjamini_hochberg, check_family, family_q
+from analysis.fdr import check_family, family_q
 from analysis.ols import ols_many
 from analysis.phenotypes import model_form, resolve_covariates, resolve_phenotypes
 from analysis.run import ATTRIBUTIONS_FILE, RunTables, as_run
@@ -68,7 +61,7 @@ from bodyage.progress import NO_PROGRESS, Progress
 
 #: FDR level that sets the ``significant`` column
 ALPHA = 0.05
-#: the row of :func:`joint_region_model` holding the whole-body effect
+#: the row of :func:`analysis.regionjoint.joint_region_model` holding the whole-body effect
 WHOLE_BODY = "(whole body)"
 
 REGION_MODEL_COLUMNS: list[str] = [
@@ -222,7 +215,6 @@ def region_models(
     grouping: Callable[[str], str] | None = None,
     alpha: float = ALPHA,
     fdr_family: FdrFamily = "method",
-    centred: bool = False,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Fit ``importance ~ phenotype + covariates + site`` per method, region and phenotype.
@@ -250,9 +242,6 @@ def region_models(
         as BMI) do not loosen the threshold of another's tests (but the FDR then holds per
         phenotype only); ``"all"``, every region × phenotype × method together, so the FDR
         holds over everything reported (see :mod:`analysis.fdr`).
-    centred
-        Centre each scan's importance on its mean over regions first (the region-specific
-        effects of :func:`joint_region_model`).
     progress
         Progress display (one step per method × phenotype).
 
@@ -290,8 +279,6 @@ def region_models(
     for method in meths:
         met = resolve_metric(method, metric)
         matrix = importance_matrix(tables, method, met, level=level, grouping=grouping)
-        if centred:
-            matrix = _centre(matrix)
         per_method = []
         for pheno in phenos:
             d = designs[pheno]
@@ -347,135 +334,6 @@ def region_models(
             stacklevel=2,
         )
     return out[REGION_MODEL_COLUMNS]
-
-
-def _centre(matrix: pd.DataFrame) -> pd.DataFrame:
-    values = matrix.to_numpy()
-    counts = np.isfinite(values).sum(axis=1)
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: nanmean warns, the row stays NaN
-        means = np.nanmean(values, axis=1)
-    centred = values - means[:, None]
-    centred[counts < 2] = np.nan
-    return pd.DataFrame(centred, index=matrix.index, columns=matrix.columns)
-
-
-def joint_region_model(
-    run: RunTables | str | os.PathLike[str],
-    *,
-    phenotypes: Sequence[str] | None = None,
-    covariates: Sequence[str] | None = None,
-    default_covariates: bool = True,
-    group: str | None = DEFAULT_GROUP,
-    metric: RegionMetric | None = None,
-    methods: Sequence[str] | None = None,
-    level: RegionLevel = "region",
-    grouping: Callable[[str], str] | None = None,
-    alpha: float = ALPHA,
-    fdr_family: FdrFamily = "method",
-    progress: Progress | None = None,
-) -> pd.DataFrame:
-    """The long model ``importance ~ C(region) * (phenotype + covariates) + (1 | scan)``.
-
-    See the module docstring for how it is computed. Parameters as :func:`region_models`.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns of :func:`region_models`. Per method and phenotype, one row per region:
-        its shift of importance beyond the whole-body mean (``q`` over regions ×
-        phenotypes, or over regions with ``fdr_family="phenotype"``), and one row with
-        region :data:`WHOLE_BODY`: the phenotype's effect on the scan's mean importance over
-        regions (``q`` over phenotypes).
-    """
-    tables = as_run(run)
-    shifts = region_models(
-        tables,
-        phenotypes=phenotypes,
-        covariates=covariates,
-        default_covariates=default_covariates,
-        group=group,
-        metric=metric,
-        methods=methods,
-        level=level,
-        grouping=grouping,
-        alpha=alpha,
-        fdr_family=fdr_family,
-        centred=True,
-        progress=progress,
-    )
-    whole = _whole_body(
-        tables, phenotypes, covariates, default_covariates, group, metric, methods, level, grouping, alpha
-    )
-    return pd.concat([whole, shifts], ignore_index=True)[REGION_MODEL_COLUMNS]
-
-
-def _whole_body(
-    tables: RunTables,
-    phenotypes: Sequence[str] | None,
-    covariates: Sequence[str] | None,
-    default_covariates: bool,
-    group: str | None,
-    metric: RegionMetric | None,
-    methods: Sequence[str] | None,
-    level: RegionLevel,
-    grouping: Callable[[str], str] | None,
-    alpha: float,
-) -> pd.DataFrame:
-    phenos = resolve_phenotypes(tables, phenotypes)
-    cov, cov_names = resolve_covariates(tables, covariates, phenos, default_covariates=default_covariates)
-    form = model_form(tables, group)
-    scans = tables.scans
-    clusters = scans[form.cluster].to_numpy() if form.cluster else None
-    frames = []
-    for method in resolve_methods(tables, methods):
-        met = resolve_metric(method, metric)
-        matrix = importance_matrix(tables, method, met, level=level, grouping=grouping).to_numpy()
-        counts = np.isfinite(matrix).sum(axis=1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.where(counts >= 2, np.nanmean(matrix, axis=1), np.nan)
-        rows = []
-        for pheno in phenos:
-            d = build_design(scans, [pheno], cov, fixed_group=group)
-            res = ols_many(
-                d.X,
-                mean[d.rows, None],
-                d.index(pheno),
-                clusters=None if clusters is None else clusters[d.rows],
-            )
-            binary = is_binary(numeric_values(scans, pheno, "phenotype")[d.rows])
-            rows.append(
-                {
-                    "method": method,
-                    "metric": met,
-                    "level": level,
-                    "region": WHOLE_BODY,
-                    "phenotype": pheno,
-                    "kind": "binary" if binary else "continuous",
-                    "per": "1 vs 0" if binary else "per unit",
-                    "n": int(res.n[0]),
-                    **exclusion_columns(d),
-                    "estimate": res.estimate[0],
-                    "se": res.se[0],
-                    "ci_low": res.ci_low[0],
-                    "ci_high": res.ci_high[0],
-                    "stat": res.stat[0],
-                    "df": res.df[0],
-                    "p": res.p[0],
-                    "partial_r": res.partial_r[0],
-                    "mean_importance": res.mean[0],
-                    "se_type": "cluster(subject)" if clusters is not None else "classical",
-                    "fixed_effects": group or "",
-                    "covariates": ", ".join(cov_names),
-                }
-            )
-        block = pd.DataFrame(rows)
-        block["q"] = benjamini_hochberg(block["p"].to_numpy())
-        block["fdr_family"] = "method"  # the whole-body effects of the method's phenotypes
-        block["significant"] = block["q"] < alpha
-        frames.append(block)
-    return pd.concat(frames, ignore_index=True)
 
 
 def region_gap_correlations(

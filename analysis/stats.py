@@ -37,7 +37,8 @@ from analysis.agegap import GapCorrectionResult, age_accuracy, correct_gap, gap_
 from analysis.captions import load_captions
 from analysis.design import DEFAULT_GROUP, exclusions_by
 from analysis.phenotypes import phenotype_exclusions, phenotype_models
-from analysis.regionmodels import ALPHA, joint_region_model, region_gap_correlations, region_models
+from analysis.regionjoint import joint_region_model
+from analysis.regionmodels import ALPHA, region_gap_correlations, region_models
 from analysis.run import ATTRIBUTIONS_FILE, COHORT_FILE, FIGURES_DIR, PREDICTIONS_FILE, STATS_DIR, RunTables, as_run
 from bodyage.errors import BodyageWarning, InputError
 from bodyage.progress import NO_PROGRESS, Progress

@@ -301,8 +301,8 @@ def region_table(
 ) -> tuple[pd.DataFrame, LatexTable]:
     """LaTeX view of one method's rows of :func:`analysis.regionmodels.region_models`.
 
-    With ``joint``, the rows of :func:`analysis.regionmodels.joint_region_model`
-    (each phenotype's whole-body row first).
+    With ``joint``, the rows of :func:`analysis.regionjoint.joint_region_model`
+    (each phenotype's whole-body row first; estimates in standard deviations).
     """
     sub = res[res["method"] == method]
     metric = str(sub["metric"].iloc[0])
@@ -315,7 +315,7 @@ def region_table(
     view = pd.concat([whole.assign(_w=0), shown.assign(_w=1)], ignore_index=True)
     view = view.assign(_o=view["phenotype"].map(order)).sort_values(["_o", "_w", "q", "p"], kind="mergesort")
     view["block"] = view["phenotype"] + " (" + view["per"] + ")"
-    view, unit = _scaled(view, metric, ["estimate", "ci_low", "ci_high"])
+    view, unit = (view, "standard deviations") if joint else _scaled(view, metric, ["estimate", "ci_low", "ci_high"])
     first = sub.iloc[0]
     se_text = (
         "standard errors cluster-robust by subject (repeat visits)"
@@ -330,11 +330,16 @@ def region_table(
         where=f"the rows without a p-value in {csv}",
     )
     if joint:
+        n_ref = sorted({int(k) for k in sub["n_reference"]}) if "n_reference" in sub else []
+        n_regions = regions["region"].nunique()
+        held = f"{n_ref[0]}" if len(n_ref) == 1 else f"{n_ref[0]}--{n_ref[-1]}" if n_ref else "most"
         what = (
-            f"Shift of {method} attribution ({metric}; estimates in {unit}) toward each region beyond the whole "
-            "body: OLS fits of the importance centred on the scan's mean over regions, equivalent to the long model "
-            "importance ~ C(region) * (phenotype + covariates) + (1 | scan). "
-            f"The {WHOLE_BODY} rows are the effect on that mean."
+            f"Shifts of {method} attribution ({metric}) toward a region beyond the whole body. Each region's "
+            "importance is divided by its residual standard deviation given the covariates, so regions of any "
+            "scale count alike; the estimate is the phenotype's effect on the region minus the mean of the "
+            f"reference regions (in {unit}), by OLS adjusted for {covariate_list(str(first['covariates']))}"
+            f"{fe_text}. The reference is the regions that do not deviate ({held} of {n_regions}; at least half), "
+            f"found by refitting until stable; the {WHOLE_BODY} rows are the effect on the reference mean."
         )
         caption = f"Phenotype-related shifts of {method} attribution between regions"
     else:
@@ -362,7 +367,7 @@ def region_table(
             what,
             f"Estimates per unit of the phenotype or carriers vs non-carriers (1 vs 0); {se_text}; q: "
             f"Benjamini--Hochberg over {family_text(fam)} (FDR family: {fam}), significant at {alpha:g}"
-            + (f"; the {WHOLE_BODY} rows over the phenotypes." if joint else "."),
+            + (f"; the {WHOLE_BODY} rows form families of their own, split the same way." if joint else "."),
             selection,
             exclusions_note(exclusions_by(regions, "phenotype")),
             *([unfit] if unfit else []),

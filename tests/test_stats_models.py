@@ -17,7 +17,7 @@ from analysis.fdr import benjamini_hochberg
 from analysis.mixed import fit_ols, fit_random_intercept
 from analysis.ols import ols_many
 from analysis.phenotypes import phenotype_models
-from analysis.regionmodels import WHOLE_BODY, joint_region_model, region_gap_correlations, region_models
+from analysis.regionmodels import region_gap_correlations, region_models
 from analysis.run import RunTables
 from bodyage.errors import BodyageWarning, InputError, RunError
 
@@ -173,41 +173,6 @@ def test_partial_r_matches_pingouin(tables: RunTables) -> None:
     data["y"] = scans["scan_id"][design.rows].map(liver).to_numpy()
     ref = pg.partial_corr(data=data, x="y", y="c0", covar=[c for c in data.columns if c not in ("y", "c0")])
     assert row["partial_r"] == pytest.approx(float(ref["r"].iloc[0]), rel=1e-8)
-
-
-@pytest.mark.filterwarnings("ignore::statsmodels.tools.sm_exceptions.ConvergenceWarning")  # the reference fit
-def test_joint_region_model_matches_statsmodels_mixedlm() -> None:
-    """Balanced data: region-specific effects equal the long MixedLM's interactions."""
-    frames = make_tables(60, seed=3, regions=("liver", "spleen", "pancreas", "torso_fat"), methods=("ablation",))
-    tables = _tables(frames)
-    res = joint_region_model(tables, phenotypes=["diabetes"], covariates=["age"], default_covariates=False, group=None)
-    shift = res[res["region"] != WHOLE_BODY].set_index("region")["estimate"]
-    whole = float(res.loc[res["region"] == WHOLE_BODY, "estimate"].iloc[0])
-    scans = tables.scans.set_index("scan_id")
-    attr = frames.attributions.assign(scan_id=frames.attributions["subject_id"] + "_" + "0")
-    long = attr.join(scans[["diabetes", "age"]], on="scan_id")
-    long["age_c"] = long["age"] - scans["age"].mean()
-    long["age_c2"] = long["age_c"] ** 2
-    regions = ["liver", "spleen", "pancreas", "torso_fat"]
-    cols = {"const": np.ones(len(long))}
-    for r in regions[1:]:
-        ind = (long["region"] == r).astype(float).to_numpy()
-        cols[r] = ind
-    for term in ("diabetes", "age_c", "age_c2"):
-        v = long[term].to_numpy(float)
-        cols[term] = v
-        for r in regions[1:]:
-            cols[f"{r}:{term}"] = cols[r] * v
-    X = pd.DataFrame(cols)
-    fit = MixedLM(long["mass"].to_numpy(), X, groups=long["scan_id"].to_numpy()).fit(reml=True)
-    # treatment coding: region r's diabetes effect is b_liver + b_{r:diabetes}; ours are deviations from the mean
-    b = {"liver": fit.fe_params["diabetes"]}
-    for r in regions[1:]:
-        b[r] = fit.fe_params["diabetes"] + fit.fe_params[f"{r}:diabetes"]
-    mean_b = np.mean(list(b.values()))
-    for r in regions:
-        assert shift[r] == pytest.approx(b[r] - mean_b, rel=1e-4, abs=1e-6)
-    assert whole == pytest.approx(mean_b, rel=1e-4, abs=1e-6)
 
 
 def test_gap_correlations_use_first_scans_and_pingouin() -> None:
