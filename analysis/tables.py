@@ -335,8 +335,9 @@ def region_table(
         held = f"{n_ref[0]}" if len(n_ref) == 1 else f"{n_ref[0]}--{n_ref[-1]}" if n_ref else "most"
         what = (
             f"Shifts of {method} attribution ({metric}) toward a region beyond the whole body. Each region's "
-            "importance is divided by its residual standard deviation given the covariates, so regions of any "
-            "scale count alike; the estimate is the phenotype's effect on the region minus the mean of the "
+            "importance is divided by its residual standard deviation given the covariates, so a whole-body "
+            "effect is one that moves every region by the same number of its standard deviations; the estimate is "
+            "the phenotype's effect on the region minus the mean of the "
             f"reference regions (in {unit}), by OLS adjusted for {covariate_list(str(first['covariates']))}"
             f"{fe_text}. The reference is the regions that do not deviate ({held} of {n_regions}; at least half), "
             f"found by refitting until stable; the {WHOLE_BODY} rows are the effect on the reference mean."
