@@ -220,7 +220,7 @@ def load_fold_model(
     try:
         ckpt = torch.load(p, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for a bad file
-        raise CheckpointError(f"{p}: cannot be loaded as a bodyage checkpoint ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{p}: cannot be loaded as a bodyage checkpoint ({_load_failure(err)})") from err
     hp = ckpt.get("hparams") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or hp.get("format") != CHECKPOINT_FORMAT or "state_dict" not in ckpt:
         raise CheckpointError(f"{p}: not a bodyage checkpoint of format {CHECKPOINT_FORMAT}")
@@ -238,6 +238,19 @@ def load_fold_model(
     model.to(device)
     model.eval()
     return model, hp
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load`` failed, in a few words, without torch's advice to load unsafely.
+
+    With ``weights_only=True`` a corrupt file and one holding code both raise torch's
+    "Weights only load failed ... Re-running torch.load with weights_only set to False
+    will likely succeed": advice bodyage must not pass on.
+    """
+    text = str(err)
+    if "weights_only" in text or "Weights only" in text:
+        return f"{type(err).__name__}: corrupt, or holds objects other than weights, which are never loaded"
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 # ----------------------------------------------------------------------------- data

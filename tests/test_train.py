@@ -203,6 +203,14 @@ def test_checkpoint_round_trip_and_mismatch(tiny_run: Path, tmp_path: Path) -> N
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be loaded as a bodyage checkpoint"):
         load_fold_model(junk)
+    code = tmp_path / "code.pt"
+    torch.save({"state_dict": print}, code)  # a pickled function: refused, and never advised to load unsafely
+    for bad in (junk, code):
+        with pytest.raises(
+            CheckpointError, match=r"holds objects other than weights, which are never loaded\)$"
+        ) as err:
+            load_fold_model(bad)
+        assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match="not a bodyage checkpoint of format"):
