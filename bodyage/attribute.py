@@ -589,7 +589,9 @@ def attribute_run(
     todo = cached.iloc[ok_rows].sort_values(["fold", "scan_id"]).reset_index(drop=True)
     for m in cfg.methods:
         part_dir(run, m, fps[m]).mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(part_dir(run, m, fps[m]))  # half-written parts of a killed run
+    # what a killed run left half-written (only files of processes that no longer run)
+    for folder in (run, run / "figures", run / STATE_DIR / "maps", *(part_dir(run, m, fps[m]) for m in cfg.methods)):
+        remove_stale_temps(folder)
 
     means = None
     if any(METHODS[m].level == "region" for m in cfg.methods) and cfg.baseline in COHORT_MEAN_BASELINES and len(todo):
