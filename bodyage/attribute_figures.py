@@ -12,6 +12,8 @@ Per-scan maps (``RUN/attribute/maps/``, written for ``--save-maps N`` scans): on
 per scan and method on the image's own grid and affine (RAS+ orientation, as the images
 are read), loadable over the image in ITK-SNAP or 3D Slicer, and one PNG per scan with a
 coronal and a sagittal slice, the attribution overlaid and the region contours drawn.
+They are named and titled ``map_000``, ``map_001``, ... (ids never appear in a figure);
+``maps.csv`` beside them says which scan each is.
 """
 
 from __future__ import annotations
