@@ -98,6 +98,20 @@ class CacheResult:
 # ----------------------------------------------------------------------------- resampling
 
 
+#: target number of voxels of the automatic model grid (``train --grid auto``)
+AUTO_GRID_VOXELS = 1 << 16
+
+
+def auto_grid(shape: Sequence[int], target_voxels: int = AUTO_GRID_VOXELS) -> tuple[int, int, int]:
+    """The image grid shrunk by the smallest integer factor leaving ≤ ``target_voxels`` voxels."""
+    f = 1
+    while True:
+        g = tuple(max(4, round(s / f)) for s in shape)
+        if int(np.prod(g)) <= target_voxels or f > 64:
+            return (int(g[0]), int(g[1]), int(g[2]))
+        f += 1
+
+
 def _factors(shape_in: Sequence[int], shape_out: Sequence[int]) -> list[float]:
     return [i / o for i, o in zip(shape_in, shape_out, strict=True)]
 

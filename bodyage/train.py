@@ -42,7 +42,7 @@ from bodyage.distributed import WorldInfo, world_info
 from bodyage.errors import BodyageWarning, CheckpointError, InputError, RunError
 from bodyage.folds import BiasCorrection, assign_folds, inner_split
 from bodyage.models import MODELS, build_model, check_grid, get_model_spec
-from bodyage.preprocess import CacheResult, PreprocessSettings, build_cache
+from bodyage.preprocess import CacheResult, PreprocessSettings, auto_grid, build_cache
 from bodyage.progress import NO_PROGRESS, Progress
 from bodyage.provenance import build_run_record, finish_run_record, write_record
 from bodyage.study import TRUTH_FILE, Study, load_study
@@ -63,8 +63,6 @@ RUN_FILE = "run.json"
 PRELOAD_LIMIT = 4 << 30
 #: --precision choices (see :func:`autocast_dtype`)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-#: target number of voxels of the automatic model grid
-AUTO_GRID_VOXELS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -120,16 +118,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def auto_grid(shape: Sequence[int], target_voxels: int = AUTO_GRID_VOXELS) -> tuple[int, int, int]:
-    """The image grid shrunk by the smallest integer factor leaving ≤ ``target_voxels`` voxels."""
-    f = 1
-    while True:
-        g = tuple(max(4, round(s / f)) for s in shape)
-        if int(np.prod(g)) <= target_voxels or f > 64:
-            return (int(g[0]), int(g[1]), int(g[2]))
-        f += 1
 
 
 def parse_grid(text: str | None) -> tuple[int, int, int] | None:
