@@ -39,7 +39,7 @@ import pandas as pd
 from bodyage.accuracy import prediction_metrics
 from bodyage.atomic import remove_stale_temps, write_json, write_with
 from bodyage.distributed import WorldInfo, world_info
-from bodyage.errors import BodyageWarning, CheckpointError, InputError, RunError
+from bodyage.errors import BodyageWarning, CheckpointError, InputError, RunError, StudyError
 from bodyage.folds import BiasCorrection, assign_folds, inner_split
 from bodyage.models import MODELS, build_model, check_grid, get_model_spec
 from bodyage.preprocess import CacheResult, PreprocessSettings, auto_grid, build_cache
@@ -598,6 +598,21 @@ def _config_hash(cfg: TrainConfig, study: Path, settings: PreprocessSettings) ->
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _grid_of_first_readable(study: Study, cohort: pd.DataFrame, channel: str) -> tuple[int, int, int]:
+    """The automatic grid from the first scan whose image loads (an unreadable one is a failures row later)."""
+    from bodyage.volumes import load_volume
+
+    problems = []
+    for path in cohort[channel]:
+        try:
+            return auto_grid(load_volume(study.path(path)).shape)
+        except (InputError, StudyError) as err:
+            problems.append(str(err))
+            if len(problems) >= 20:
+                break
+    raise StudyError(f"no readable {channel} image among the first {len(problems)} scans: {problems[0]}")
+
+
 def _check_run_folder(run: Path, config_hash: str) -> None:
     rec = run / RUN_FILE
     if not rec.is_file():
@@ -680,9 +695,7 @@ def train_run(
     assign_folds(cohort, cfg.folds, cfg.seed)  # enough subjects? (checked before anything is written)
     grid = cfg.grid
     if grid is None:
-        from bodyage.volumes import load_volume
-
-        grid = auto_grid(load_volume(study.path(cohort.iloc[0][cfg.channels[0]])).shape)
+        grid = _grid_of_first_readable(study, cohort, cfg.channels[0])
         cfg = replace(cfg, grid=grid)
     check_grid(cfg.model, grid, **cfg.model_kwargs)  # before the run folder exists
     settings = PreprocessSettings(grid=grid, channels=cfg.channels)

@@ -388,7 +388,8 @@ def test_ddp_with_two_gloo_processes(tiny_study: Path, tmp_path: Path) -> None:
     preds = pd.read_parquet(run / "predictions.parquet")
     assert len(preds) == len(pd.read_csv(tiny_study / "cohort.csv"))
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
-    assert res.stdout.count("out-of-fold MAE") == 1  # only rank 0 reports
+    summary = [line for line in res.stdout.splitlines() if "folds: out-of-fold MAE" in line]
+    assert len(summary) == 1  # only rank 0 reports
 
 
 # ----------------------------------------------------------------------------- the CLI and bad input
@@ -555,3 +556,26 @@ def test_augmentation_equals_grid_sample_of_the_same_transform() -> None:
     assert (scale - 1).abs().max() > 0.05 and shift.abs().max() == 3  # the draws do move things
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out, x)
+
+
+def test_the_automatic_grid_skips_an_unreadable_first_scan(tiny_study: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+    from ukb_factories import save_singular
+
+    from bodyage.errors import StudyError
+    from bodyage.preprocess import auto_grid
+    from bodyage.study import load_study
+    from bodyage.train import _grid_of_first_readable
+
+    copy = tmp_path / "study"
+    shutil.copytree(tiny_study, copy)
+    cohort = pd.read_csv(copy / "cohort.csv")
+    first = copy / cohort.loc[0, "water"]
+    data = np.asarray(nib.load(first).dataobj)
+    save_singular(first, data)  # used to stop train with an error before anything was listed
+    study = load_study(copy)
+    assert _grid_of_first_readable(study, study.cohort, "water") == auto_grid(data.shape)
+    for path in cohort["water"][:3]:
+        save_singular(copy / path, data)
+    with pytest.raises(StudyError, match=r"no readable water image among the first 3 scans: .*singular affine"):
+        _grid_of_first_readable(study, study.cohort.iloc[:3], "water")
