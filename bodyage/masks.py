@@ -422,12 +422,14 @@ def mask_stamp(fingerprint: str) -> str:
 
 def read_stamp(path: str | os.PathLike[str]) -> str | None:
     """Return the fingerprint stamped into a mask's header, or ``None`` (unreadable, unstamped)."""
+    import zlib
+
     import nibabel as nib
 
     try:
         header: Any = nib.load(str(path)).header
         raw = header["descrip"].item()
-    except (OSError, EOFError, ValueError, KeyError, nib.filebasedimages.ImageFileError):
+    except (OSError, EOFError, ValueError, KeyError, zlib.error, nib.filebasedimages.ImageFileError):
         return None
     text = raw.decode("ascii", errors="replace") if isinstance(raw, bytes) else str(raw)
     return text[len(STAMP_PREFIX) :].strip() if text.startswith(STAMP_PREFIX) else None

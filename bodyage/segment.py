@@ -561,10 +561,7 @@ def _recover_record(
 
     scan = str(row["scan_id"])
     mask = paths.mask(scan)
-    try:
-        if not mask.is_file() or read_stamp(mask) != fingerprint:
-            return None
-    except Exception:  # a damaged header (gzip, NIfTI): segment the scan again
+    if not mask.is_file() or read_stamp(mask) != fingerprint:  # unstamped or damaged: segment it again
         return None
     try:
         (mask_shape, mask_affine), (image_shape, image_affine) = (

@@ -263,3 +263,14 @@ def test_custom_label_table_ids_are_respected(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(data, affine()), path)
     vol, _ = read_multilabel(path, table, scan="S1_0")
     assert vol.data.dtype == np.uint16 and vol.data[2, 2, 2] == 300
+
+
+def test_read_stamp_of_a_damaged_gzip_is_none(tmp_path: Path) -> None:
+    path = tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(path))
+    raw = path.read_bytes()
+    for start in range(10, 60, 5):  # damaged deflate data raised zlib.error before
+        damaged = bytearray(raw)
+        damaged[start : start + 6] = b"\xff" * 6
+        path.write_bytes(bytes(damaged))
+        assert read_stamp(path) is None
