@@ -385,12 +385,12 @@ def run_compare(
 ) -> tuple[ComparisonResult, Path]:
     """``bodyage compare``: :func:`compare`, then :func:`write_comparison` and a ``run.json``.
 
+    The parameters other than ``out`` are those of :func:`compare`.
+
     Parameters
     ----------
     out
         Output folder; default ``RUN/compare/<slug of the filters>``.
-    others
-        As :func:`compare`.
 
     Returns
     -------
