@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from bodyage._typing import AttributionMethod
+from bodyage._typing import AttributionMethod, ImportanceMeasure
 
 #: how the age gap is bias-corrected (see :mod:`analysis.agegap`)
 GapCorrection = Literal["train", "linear", "quadratic", "none"]
@@ -34,6 +34,32 @@ FDR_FAMILIES: tuple[FdrFamily, ...] = ("method", "phenotype", "all")
 #: attribution methods that score whole regions; their ``mass`` is a change in predicted
 #: age in years (DESIGN.md §3), so signed ``mass`` is their default importance (DESIGN.md §7)
 REGION_LEVEL_METHODS: tuple[AttributionMethod, ...] = ("ablation", "shapley")
+#: how each attribution method ranks regions for recovery (DESIGN.md §6): a mirror of the
+#: ``importance_measure`` of :data:`bodyage.attribution.METHODS`, which analysis cannot
+#: import (it imports torch inside functions); a test keeps them equal
+METHOD_IMPORTANCE_MEASURES: dict[str, ImportanceMeasure] = {
+    "gradcam": "abs_mass",
+    "integrated_gradients": "abs_mass",
+    "ablation": "abs_mass",
+    "shapley": "abs_mass",
+}
+#: how the ablation baselines (``--baseline``) are named in outputs; ``shift`` keeps the option
+#: value for compatibility but is the *mean-signal* ablation (mirror of
+#: :data:`bodyage.attribute_figures.BASELINE_NAMES`; a test keeps them equal)
+ABLATION_BASELINE_NAMES: dict[str, str] = {
+    "shift": "mean-signal",
+    "mean": "mean-fill",
+    "erase": "erase",
+    "blur": "blur",
+}
+
+
+def baseline_label(method: str, baseline: str) -> str:
+    """``mean-signal ablation`` for ``ablation`` with ``shift``; ``shapley (mean-signal baseline)`` for others."""
+    name = ABLATION_BASELINE_NAMES.get(baseline, baseline)
+    return f"{name} ablation" if method == "ablation" else f"{method} ({name} baseline)"
+
+
 #: default importance of voxel-level methods (GradCAM, integrated gradients, ...)
 VOXEL_METHOD_METRIC: RegionMetric = "share"
 #: default importance of region-level methods

@@ -14,7 +14,13 @@ returns the dictionary ``report`` writes to ``RUN/recovery.json`` (the keys of D
     ``region_information`` with importance over every region present), ``top_regions``
     (the k most important), ``importance_measure``, ``by_effect`` (precision among the
     planted regions of each effect type) and ``agreement_with_ablation`` (Spearman of
-    the method's importance with ``ablation``'s).
+    the method's importance with ``ablation``'s); beside them what the precision must
+    beat (:mod:`analysis.floors`, :mod:`bodyage.floors`): ``floors`` ({``volume``,
+    ``volume_intensity``, ``signal_spread``, ``univariate_screen``}: precision@k of
+    model-free rankings), ``floor_max``, ``floor_max_by``, ``beats_floors_by``
+    (precision@k − ``floor_max``) and, when ``RUN/attributions_null.parquet`` exists,
+    ``nulls`` ({``random_weights``, ``permuted_labels``}: precision@k of the null copies,
+    ``ci_low``, ``ci_high``, ``n_copies``), ``clears_nulls`` and ``beats_nulls_by``.
 ``phenotypes[<phenotype>]``
     ``planted`` (the scenario accelerates some region's ageing), ``gap_effect``,
     ``ci_low``, ``ci_high``, ``q`` (separate phenotype model on the corrected gap),
@@ -26,8 +32,10 @@ returns the dictionary ``report`` writes to ``RUN/recovery.json`` (the keys of D
 Region importance (:func:`region_importance`) is the mean over scans of ``|mass|`` for
 region-level methods (``ablation``, ``shapley``), whose signed values cancel between young
 and old scans; for voxel methods the measure the attribution step declares (see
-:func:`declared_measures`), by default :data:`DEFAULT_VOXEL_MEASURE`. Always per region,
-never grouped.
+:func:`declared_measures`), else the one the method registry declares
+(:data:`analysis._typing.METHOD_IMPORTANCE_MEASURES`); a method declared nowhere is an
+error, never a silent default. ``density`` ranks by the mean of ``|density|`` (a strongly
+negative region matters as much as a positive one). Always per region, never grouped.
 """
 
 from __future__ import annotations
@@ -42,26 +50,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis._typing import REGION_LEVEL_METHODS
-from analysis.latex import escape, format_number, format_p
+from analysis._typing import METHOD_IMPORTANCE_MEASURES, REGION_LEVEL_METHODS
+from analysis.floors import no_floors, read_nulls, study_floor_scores
+from analysis.recovery_tex import ABS_MASS, RECOVERY_FILE, RECOVERY_TEX, recovery_latex, write_recovery
 from analysis.regionmodels import ALPHA
 from analysis.run import RunTables, as_run
 from analysis.stats_record import current_table
 from bodyage.accuracy import prediction_metrics
 from bodyage.errors import InputError, StudyError
+from bodyage.floors import floors_entry, margins, null_entry
+
+__all__ = [
+    "ABS_MASS",
+    "RECOVERY_FILE",
+    "RECOVERY_TEX",
+    "declared_measures",
+    "importance_measure",
+    "method_recovery",
+    "read_truth",
+    "recovery",
+    "recovery_latex",
+    "region_importance",
+    "write_recovery",
+]
 
 TRUTH_FILE = "truth.json"
-RECOVERY_FILE = "recovery.json"
-RECOVERY_TEX = "recovery.tex"
 METRICS_FILE = "metrics.json"
 #: files of the attribution step that may declare each voxel method's importance measure
 MEASURE_SOURCES: tuple[str, ...] = ("attribution_recovery.json", "attribute.json", "attribute/run.json")
-#: importance of voxel methods when the attribution step declares none: the prototype of
-#: DESIGN.md §6 ranked GradCAM best by enrichment (share favours big regions)
-DEFAULT_VOXEL_MEASURE = "enrichment"
-#: name recorded for region-level methods: the mean over scans of |mass|
-ABS_MASS = "abs_mass"
-VOXEL_MEASURES: tuple[str, ...] = ("share", "enrichment", "density", "abs_mass")
+#: measures whose sign carries no rank: regions are ranked by the mean of their absolute value
+ABSOLUTE_MEASURES: tuple[str, ...] = ("density",)
+VOXEL_MEASURES: tuple[str, ...] = ("share", "enrichment", "density", "abs_mass", "abs_density")
 #: the method every other method is compared with
 REFERENCE_METHOD = "ablation"
 
@@ -128,17 +147,27 @@ def declared_measures(run_root: str | os.PathLike[str] | None) -> dict[str, str]
 
 
 def importance_measure(method: str, declared: Mapping[str, str] | None = None) -> str:
-    """The importance measure of ``method``: ``abs_mass`` for region-level methods, else declared or default.
+    """The importance measure of ``method``.
+
+    ``abs_mass`` for region-level methods; else what the run declares
+    (:func:`declared_measures`), else what the method registry declares
+    (:data:`analysis._typing.METHOD_IMPORTANCE_MEASURES`).
 
     Raises
     ------
     InputError
-        If the declared measure is not one of :data:`VOXEL_MEASURES`.
+        If nothing declares a measure for ``method``, or the declared measure is not one of
+        :data:`VOXEL_MEASURES`.
     """
     if method in REGION_LEVEL_METHODS:
         return ABS_MASS
     declared = declared or {}
-    measure = declared.get(method, declared.get("*", DEFAULT_VOXEL_MEASURE))
+    measure = declared.get(method, declared.get("*", METHOD_IMPORTANCE_MEASURES.get(method)))
+    if measure is None:
+        raise InputError(
+            f"importance measure of {method!r} is declared nowhere (not in the run's "
+            f"{', '.join(MEASURE_SOURCES)} nor the method registry); pass one, e.g. measures={{{method!r}: 'share'}}"
+        )
     if measure not in VOXEL_MEASURES:
         raise InputError(
             f"importance measure of {method!r} must be one of {', '.join(VOXEL_MEASURES)}; {measure!r} was given"
@@ -156,8 +185,9 @@ def region_importance(attributions: pd.DataFrame, method: str, measure: str) -> 
     method
         Attribution method.
     measure
-        Column averaged; ``abs_mass`` is computed as ``|mass|``. Scans where a region is
-        absent (NaN) are left out of that region's mean.
+        Column averaged; ``abs_mass`` is computed as ``|mass|`` and ``density`` as
+        ``|density|`` (:data:`ABSOLUTE_MEASURES`). Scans where a region is absent (NaN) are
+        left out of that region's mean.
 
     Returns
     -------
@@ -170,6 +200,8 @@ def region_importance(attributions: pd.DataFrame, method: str, measure: str) -> 
     if sub.empty:
         raise InputError(f"attributions: no rows for method {method!r}")
     values = sub["mass"].abs() if measure == ABS_MASS else sub[measure]
+    if measure in ABSOLUTE_MEASURES:
+        values = values.abs()
     frame = pd.DataFrame({"region": sub["region"].astype(str).to_numpy(), "value": values.to_numpy(float)})
     grouped = frame.dropna().groupby("region")["value"]
     out = pd.DataFrame({"mean": grouped.mean(), "sd": grouped.std(ddof=1), "n": grouped.size()})
@@ -328,7 +360,7 @@ def recovery(
         The study's ``truth.json``; ``None``: read from the run's study.
     measures
         ``{method: measure}`` for voxel methods, overriding what the attribution step
-        declares (:func:`declared_measures`); default :data:`DEFAULT_VOXEL_MEASURE`.
+        declares (:func:`declared_measures`) and the method registry.
     alpha
         FDR level of ``significant_regions`` and of the goals.
 
@@ -337,7 +369,9 @@ def recovery(
     dict
         The content of ``recovery.json`` (see the module docstring). Phenotype and region
         models are read from ``RUN/stats`` when it is current, else fitted here with the
-        defaults of ``bodyage stats``; ``sources`` says which.
+        defaults of ``bodyage stats``; ``sources`` says which. The floors come from the
+        study's images and masks (cached in ``RUN/region_signals.parquet``); without them
+        ``floors`` is ``None`` and ``floors_note`` says why.
 
     Raises
     ------
@@ -374,6 +408,12 @@ def recovery(
     declared = dict(declared_measures(tables.root))
     declared.update(measures or {})
     importances: dict[str, pd.Series] = {}
+    scores, n_floor_scans, floors_note = study_floor_scores(tables.study_root, tables.root)
+    nulls = read_nulls(tables.root)
+
+    def score(imp: pd.Series) -> float:
+        return float(method_recovery(imp, information)["precision_at_k"])
+
     for method in tables.methods:
         measure = importance_measure(method, declared)
         imp = region_importance(tables.attributions, method, measure)["mean"]  # type: ignore[arg-type]
@@ -381,9 +421,22 @@ def recovery(
         entry = method_recovery(imp, information, effects)
         entry["importance_measure"] = measure
         entry["measure_source"] = (
-            "region-level" if method in REGION_LEVEL_METHODS else ("declared" if method in declared else "default")
+            "region-level"
+            if method in REGION_LEVEL_METHODS
+            else ("declared" if method in declared or "*" in declared else "registry")
         )
-        out["methods"][method] = entry
+        entry.update(floors_entry(scores, score) if scores is not None else no_floors(floors_note))
+        entry["floors_n_scans"] = n_floor_scans
+        entry.update(
+            null_entry(
+                nulls,
+                method,
+                imp,
+                lambda t, m=method, ms=measure: region_importance(t, m, ms)["mean"],  # type: ignore[misc]
+                score,
+            )
+        )
+        out["methods"][method] = margins(entry)
     for method, entry in out["methods"].items():
         ref = importances.get(REFERENCE_METHOD)
         if method == REFERENCE_METHOD:
@@ -488,159 +541,3 @@ def evaluate_goals(rec: Mapping[str, Any], *, alpha: float = ALPHA) -> dict[str,
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# ---------------------------------------------------------------- LaTeX
-
-
-def _fmt(v: Any, digits: int = 2) -> str:
-    return format_number(v, digits) if _finite(v) else "--"
-
-
-def _regions(names: Sequence[str]) -> str:
-    """Region names, breakable after underscores (never hyphenated inside a name)."""
-    return ", ".join(escape(n).replace(r"\_", r"\_\allowbreak{}") for n in names) if names else "--"
-
-
-def recovery_latex(rec: Mapping[str, Any]) -> str:
-    r"""LaTeX of a recovery dictionary: three tables (methods, phenotypes, goals).
-
-    Needs ``booktabs``, ``siunitx`` and ``array`` (for ``p{}`` columns of region lists).
-    Labels: ``tab:bodyage:recovery-methods``, ``-phenotypes``, ``-goals``.
-    """
-    lines: list[str] = []
-    k = next((m["k"] for m in rec.get("methods", {}).values()), len(rec.get("planted_regions", [])))
-    lines += [
-        r"\begin{table}[htbp]",
-        r"\centering",
-        r"\footnotesize",
-        r"\setlength{\tabcolsep}{3pt}",
-        r"\hyphenpenalty=10000",
-        r"\caption{Recovery of the planted ageing per attribution method. MAE "
-        + _fmt(rec.get("mae"))
-        + r"~years vs oracle "
-        + _fmt(rec.get("oracle_mae"))
-        + r"~years (ratio "
-        + _fmt(rec.get("mae_ratio"))
-        + r").}",
-        r"\label{tab:bodyage:recovery-methods}",
-        r"\begin{tabular}{l l r r r r >{\raggedright\arraybackslash}p{0.42\linewidth}}",
-        r"\toprule",
-        r"Method & Importance & {k} & {Precision@k} & {Spearman} & {vs ablation} & Top-k regions \\",
-        r"\midrule",
-    ]
-    for method, m in rec.get("methods", {}).items():
-        measure = "mean |mass|" if m.get("importance_measure") == ABS_MASS else m.get("importance_measure", "")
-        lines.append(
-            " & ".join(
-                [
-                    escape(method),
-                    escape(measure),
-                    str(m.get("k", "")),
-                    _fmt(m.get("precision_at_k")),
-                    _fmt(m.get("spearman")),
-                    _fmt(m.get("agreement_with_ablation")),
-                    _regions(m.get("top_regions", [])),
-                ]
-            )
-            + r" \\"
-        )
-    if not rec.get("methods"):
-        lines.append(r"\multicolumn{7}{l}{(no attributions: run \texttt{bodyage attribute})} \\")
-    lines += [
-        r"\bottomrule",
-        r"\end{tabular}",
-        r"\par\smallskip",
-        r"\begin{minipage}{\linewidth}\footnotesize\raggedright",
-        escape(
-            f"k = {k} regions with planted information (region_information > 0): "
-            + ", ".join(rec.get("planted_regions", []))
-            + ". Precision@k: fraction of them among the k most important regions; Spearman: rank correlation "
-            "of region information with importance over all regions; vs ablation: Spearman with ablation's "
-            "importance. Region-level methods are ranked by the mean over scans of |mass|, voxel methods by the "
-            "measure named."
-        ),
-        r"\end{minipage}",
-        r"\end{table}",
-        "",
-    ]
-    methods = list(rec.get("methods", {}))
-    lines += [
-        r"\begin{table}[htbp]",
-        r"\centering",
-        r"\footnotesize",
-        r"\setlength{\tabcolsep}{3pt}",
-        r"\hyphenpenalty=10000",
-        r"\caption{Planted phenotype effects: effect on the corrected age gap (years per unit; carriers vs "
-        r"non-carriers for binary phenotypes) and the regions whose importance the phenotype shifts at FDR "
-        + _fmt(rec.get("alpha", ALPHA))
-        + ".}",
-        r"\label{tab:bodyage:recovery-phenotypes}",
-        r"\begin{tabular}{l c S[table-format=-1.2] c r >{\raggedright\arraybackslash}p{0.18\linewidth} "
-        r">{\raggedright\arraybackslash}p{0.27\linewidth}}",
-        r"\toprule",
-        r"Phenotype & Planted & {Gap effect} & 95\% CI & q & Planted regions & Significant regions \\",
-        r"\midrule",
-    ]
-    for name, p in rec.get("phenotypes", {}).items():
-        ci = (
-            rf"[\num{{{_fmt(p.get('ci_low'))}}}, \num{{{_fmt(p.get('ci_high'))}}}]"
-            if _finite(p.get("ci_low")) and _finite(p.get("ci_high"))
-            else "--"
-        )
-        found = p.get("significant_regions", {})
-        sig = r" \newline ".join(
-            rf"\emph{{{escape(m)}}}: " + (_regions(found[m]) if found[m] else "none") for m in methods if m in found
-        )
-        cells = [
-            escape(name),
-            "yes" if p.get("planted") else "no",
-            _fmt(p.get("gap_effect")) if _finite(p.get("gap_effect")) else "{--}",
-            ci,
-            format_p(p.get("q")),
-            _regions(p.get("planted_regions", [])),
-            sig or "--",
-        ]
-        lines.append(" & ".join(cells) + r" \\")
-    if not rec.get("phenotypes"):
-        lines.append(r"\multicolumn{7}{l}{(no phenotypes of the scenario in the cohort)} \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-
-    lines += [
-        r"\begin{table}[htbp]",
-        r"\centering",
-        r"\footnotesize",
-        r"\caption{Goals of the validation on planted truth (those set for the default scenario).}",
-        r"\label{tab:bodyage:recovery-goals}",
-        r"\begin{tabular}{>{\raggedright\arraybackslash}p{0.55\linewidth} l l}",
-        r"\toprule",
-        r"Goal & Value & Met \\",
-        r"\midrule",
-    ]
-    for g in rec.get("goals", {}).values():
-        met = {True: "yes", False: "\\textbf{no}", None: "n/a"}[g["met"]]
-        lines.append(f"{escape(g['goal'])} & {_goal_value(g['value'])} & {met} \\\\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return "\n".join(lines)
-
-
-def _goal_value(value: Any) -> str:
-    if value is None:
-        return "--"
-    if isinstance(value, list):
-        return escape(", ".join(map(str, value))) if value else "(none)"
-    if isinstance(value, dict):
-        q = value.get("q")
-        where = value.get("methods_with_significant_regions") or []
-        return "q = " + format_p(q) + ("; regions: " + escape(", ".join(where)) if where else "")
-    if _finite(value):
-        return format_p(value) if abs(value) < 1e-3 else _fmt(value, 3)
-    return escape(str(value))
-
-
-def write_recovery(rec: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write ``recovery.json`` and ``recovery.tex`` into ``out_dir`` (atomically); return the paths."""
-    from bodyage.atomic import write_json, write_text
-
-    out = Path(out_dir)
-    return [write_json(out / RECOVERY_FILE, dict(rec)), write_text(out / RECOVERY_TEX, recovery_latex(rec))]

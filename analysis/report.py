@@ -45,8 +45,9 @@ from typing import Any
 
 import pandas as pd
 
-from analysis._typing import REGION_LEVEL_METHODS
+from analysis._typing import REGION_LEVEL_METHODS, baseline_label
 from analysis.fdr import family_text
+from analysis.floors import baseline_text
 from analysis.latex import escape
 from analysis.recovery import (
     ABS_MASS,
@@ -164,8 +165,8 @@ class ReportResult:
             lines.append(f"MAE {rec['mae']:.2f} y vs oracle {rec['oracle_mae']:.2f} y (ratio {rec['mae_ratio']:.2f})")
             for method, m in rec["methods"].items():
                 lines.append(
-                    f"{method}: precision@{m['k']} {m['precision_at_k']:.2f}, spearman {_f(m['spearman'])} "
-                    f"({_measure_name(m['importance_measure'], method)})"
+                    f"{method}: precision@{m['k']} {m['precision_at_k']:.2f} ({baseline_text(m)}), "
+                    f"spearman {_f(m['spearman'])} ({_measure_name(m['importance_measure'], method)})"
                 )
             goals = rec.get("goals", {})
             met = sum(1 for g in goals.values() if g["met"])
@@ -788,7 +789,7 @@ def _summary(
             imp = region_importance(tables.attributions, method, measure)
             kind = "voxel-level"
             if method in REGION_LEVEL_METHODS:
-                kind = f"region-level, {baseline} baseline" if baseline else "region-level"
+                kind = f"region-level, {baseline_label(method, baseline)}" if baseline else "region-level"
             lines.append(
                 f"**{method}** ({kind}; importance = {_measure_name(measure, method)} over scans, 95% CI), "
                 f"top {min(TOP_IN_SUMMARY, len(imp))} of {len(imp)} regions:"
@@ -864,9 +865,13 @@ def _summary(
             n_hits = round(m["precision_at_k"] * m["k"]) if m["k"] else 0
             lines.append(
                 f"- {method}: {n_hits} of the {m['k']} most important regions are planted "
-                f"(precision@k {_f(m['precision_at_k'])}); Spearman with the planted information {_f(m['spearman'])}; "
+                f"(precision@k {_f(m['precision_at_k'])}; {baseline_text(m)}); "
+                f"Spearman with the planted information {_f(m['spearman'])}; "
                 f"agreement with ablation {_f(m['agreement_with_ablation'])}."
             )
+            if m.get("clears_nulls") is not None:
+                cleared = ", ".join(m["clears_nulls"]) or "none"
+                lines.append(f"  - regions above the null band of every null model: {cleared}.")
         for p, v in rec["phenotypes"].items():
             found = "; ".join(f"{m}: {', '.join(r) or 'none'}" for m, r in v["significant_regions"].items())
             lines.append(

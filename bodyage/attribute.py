@@ -679,7 +679,7 @@ def attribute_run(
         write_with(run / GROUP_ATTRIBUTIONS, partial(grouped.to_parquet, index=False))
     _write_failures(run, failures)
 
-    recovery = recovery_summary(attributions, inputs.study.root, cfg.methods)
+    recovery = recovery_summary(attributions, inputs.study.root, cfg.methods, run=run)
     recovery["layer"] = layer
     recovery["checks"] = checks
     write_json(run / RECOVERY, recovery)
@@ -809,12 +809,15 @@ def group_table(attributions: pd.DataFrame) -> pd.DataFrame:
 def region_importance(attributions: pd.DataFrame, method: str, measure: str | None = None) -> pd.Series:
     """Mean importance per region over scans (DESIGN.md §6), sorted descending.
 
-    ``abs_mass`` means the mean of ``|mass|``; regions absent from a scan are left out
-    of that region's mean.
+    ``abs_mass`` means the mean of ``|mass|`` and ``density`` the mean of ``|density|`` (a
+    strongly negative region matters as much as a positive one); regions absent from a scan
+    are left out of that region's mean.
     """
     measure = measure or METHODS[method].importance_measure
     sub = attributions[attributions["method"] == method]
     vals = sub["mass"].abs() if measure == "abs_mass" else sub[measure]
+    if measure == "density":
+        vals = vals.abs()
     imp = vals.groupby(sub["region"]).mean().dropna()
     return imp.sort_values(ascending=False, kind="mergesort")
 
@@ -845,10 +848,31 @@ def precision_at_k(importance: pd.Series, information: dict[str, float]) -> dict
     }
 
 
+def _importance_of(method: str, measure: str, table: pd.DataFrame) -> pd.Series:
+    """:func:`region_importance` with the arguments in the order :func:`functools.partial` needs."""
+    return region_importance(table, method, measure)
+
+
 def recovery_summary(
-    attributions: pd.DataFrame, study_root: Path, methods: Sequence[str], measures: dict[str, str] | None = None
+    attributions: pd.DataFrame,
+    study_root: Path,
+    methods: Sequence[str],
+    measures: dict[str, str] | None = None,
+    *,
+    run: Path | None = None,
 ) -> dict[str, Any]:
-    """Per method: importance measure, ranking, and on simulated studies precision@k (DESIGN.md §6)."""
+    """Per method: importance measure, ranking, and on simulated studies precision@k (DESIGN.md §6).
+
+    On simulated studies each method also carries what its precision@k must beat
+    (:mod:`bodyage.floors`): ``floors``, ``floor_max``, ``floor_max_by``,
+    ``beats_floors_by`` and, when ``run`` holds ``attributions_null.parquet``, ``nulls``,
+    ``clears_nulls`` and ``beats_nulls_by``. The region signals behind the floors are
+    cached in ``run`` (:func:`bodyage.region_signals.cached_region_signals`).
+    """
+    from bodyage.errors import StudyError
+    from bodyage.floors import NULLS_FILE, floor_scores, floors_entry, margins, null_entry
+    from bodyage.region_signals import cached_region_signals
+
     truth_path = Path(study_root) / "truth.json"
     info = None
     if truth_path.is_file():
@@ -860,10 +884,30 @@ def recovery_summary(
         measure = (measures or {}).get(m, METHODS[m].importance_measure)
         imps[m] = region_importance(attributions, m, measure)
         out["importance_measure"][m] = measure
+    scores = None
+    nulls = None
+    floors_note = None
+    if info:
+        try:
+            scores = floor_scores(cached_region_signals(study_root, run))
+        except StudyError as err:  # recorded in the entry: floors_note
+            floors_note = str(err)
+        if run is not None and (Path(run) / NULLS_FILE).is_file():
+            nulls = pd.read_parquet(Path(run) / NULLS_FILE)
+
+    def score(imp: pd.Series) -> float:
+        return float(precision_at_k(imp, info or {})["precision_at_k"])
+
     for m in methods:
         entry: dict[str, Any] = {"importance_measure": out["importance_measure"][m]}
         if info:
             entry.update(precision_at_k(imps[m], info))
+            if scores is not None:
+                entry.update(floors_entry(scores, score))
+            else:
+                entry.update({"floors": None, "floor_max": None, "floor_max_by": None, "floors_note": floors_note})
+            entry.update(null_entry(nulls, m, imps[m], partial(_importance_of, m, out["importance_measure"][m]), score))
+            margins(entry)
         else:
             entry["top_regions"] = list(imps[m].index[:10])
         entry["agreement_with_ablation"] = spearman(imps[m], imps["ablation"]) if "ablation" in imps else math.nan

@@ -68,10 +68,23 @@ def _plt() -> Any:
     return plt
 
 
+#: how the ablation baselines are named in titles and texts: ``shift`` (the option value,
+#: kept for compatibility) is the *mean-signal* ablation; mirrored in :mod:`analysis._typing`
+BASELINE_NAMES: dict[str, str] = {"shift": "mean-signal", "mean": "mean-fill", "erase": "erase", "blur": "blur"}
+
+
+def baseline_label(method: str, baseline: str) -> str:
+    """``mean-signal ablation`` for ``ablation`` with ``shift``; ``shapley (mean-signal baseline)`` for others."""
+    name = BASELINE_NAMES.get(baseline, baseline)
+    return f"{name} ablation" if method == "ablation" else f"{method} ({name} baseline)"
+
+
 def _importance_values(attributions: pd.DataFrame, method: str, measure: str) -> Any:
-    """Per-scan importance of one method's regions, grouped by region (``abs_mass``: ``|mass|``)."""
+    """Per-scan importance of one method's regions, grouped by region (``abs_mass``: ``|mass|``; ``|density|``)."""
     sub = attributions[attributions["method"] == method]
     vals = sub["mass"].abs() if measure == "abs_mass" else sub[measure]
+    if measure == "density":
+        vals = vals.abs()
     return vals.groupby(sub["region"])
 
 
@@ -91,7 +104,7 @@ def region_figure(
     ax.set_yticks(np.arange(len(stats)), [str(r).replace("_", " ") for r in stats.index], fontsize=6.5)
     label = "mean |mass| (years)" if METHODS[method].level == "region" else f"mean {measure.replace('_', ' ')}"
     ax.set_xlabel(label)
-    what = f"{method} ({baseline} baseline)" if baseline and METHODS[method].level == "region" else method
+    what = baseline_label(method, baseline) if baseline and METHODS[method].level == "region" else method
     ax.set_title(f"{what}: region importance (95% CI)", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
     ax.legend(handles, list(KIND_COLOURS), fontsize=6, loc="lower right")

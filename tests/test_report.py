@@ -90,6 +90,7 @@ def _planted_run(root: Path, *, attributions: bool = True) -> Path:
     frames = type(frames)(frames.cohort, frames.predictions, attr, frames.regions)
     run = write_run(root, frames, attributions=attributions)
     (root / "study" / "truth.json").write_text(json.dumps(_truth()))
+    (run / "attribute.json").write_text(json.dumps({"importance_measure": {"gradcam": "enrichment"}}))
     return run
 
 
@@ -146,7 +147,7 @@ def test_recovery_json_contract(planted: Path) -> None:
         assert "agreement_with_ablation" in m
     assert abl["precision_at_k"] == pytest.approx(0.75)
     assert abl["importance_measure"] == "abs_mass"
-    # gradcam ranked by enrichment (the default): of the planted regions only liver is in its top 4
+    # gradcam ranked by enrichment (declared by the run): of the planted regions only liver is in its top 4
     assert grad["importance_measure"] == "enrichment"
     assert grad["top_regions"] == ["liver", "kidney_left", "kidney_right", "spleen"]
     assert grad["precision_at_k"] == pytest.approx(1 / 4)
