@@ -21,13 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from analysis.agegap import GapCorrectionResult, age_accuracy, correct_gap
+    from analysis.clock_recovery import clock_recovery
     from analysis.compare import ComparisonResult, compare, run_compare, write_comparison
     from analysis.fdr import benjamini_hochberg
     from analysis.filters import Filter, parse_filter
+    from analysis.organ_outputs import OrganStatsResult, run_organ_stats
+    from analysis.organ_stats import ClockTables, clock_correlations, load_clocks, organ_gap_models
     from analysis.phenotypes import phenotype_models
     from analysis.regionjoint import joint_region_model
     from analysis.regionmodels import importance_matrix, region_gap_correlations, region_models
     from analysis.report import ReportResult, write_report
+    from analysis.report_organs import write_organ_report
     from analysis.run import RunTables, load_run
     from analysis.stats import StatsResult, run_stats
 
@@ -52,30 +56,46 @@ _EXPORTS: dict[str, str] = {
     "run_stats": "analysis.stats",
     "StatsResult": "analysis.stats",
     "write_report": "analysis.report",
+    "load_clocks": "analysis.organ_stats",
+    "ClockTables": "analysis.organ_stats",
+    "organ_gap_models": "analysis.organ_stats",
+    "clock_correlations": "analysis.organ_stats",
+    "clock_recovery": "analysis.clock_recovery",
+    "run_organ_stats": "analysis.organ_outputs",
+    "OrganStatsResult": "analysis.organ_outputs",
+    "write_organ_report": "analysis.report_organs",
     "ReportResult": "analysis.report",
 }
 
 __all__ = [
+    "ClockTables",
     "ComparisonResult",
     "Filter",
     "GapCorrectionResult",
+    "OrganStatsResult",
     "ReportResult",
     "RunTables",
     "StatsResult",
     "age_accuracy",
     "benjamini_hochberg",
+    "clock_correlations",
+    "clock_recovery",
     "compare",
     "correct_gap",
     "importance_matrix",
     "joint_region_model",
+    "load_clocks",
     "load_run",
+    "organ_gap_models",
     "parse_filter",
     "phenotype_models",
     "region_gap_correlations",
     "region_models",
     "run_compare",
+    "run_organ_stats",
     "run_stats",
     "write_comparison",
+    "write_organ_report",
     "write_report",
 ]
 

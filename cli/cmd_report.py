@@ -25,7 +25,10 @@ def _measures(values: list[str] | None) -> dict[str, str]:
 
 @handles_errors
 def report(
-    run: Annotated[Path, typer.Argument(help="Run folder (after train; attribute and stats add to the report).")],
+    run: Annotated[
+        Path,
+        typer.Argument(help="Run folder (after train; attribute and stats add to the report), or a clocks folder."),
+    ],
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder. Default: reports/<run-name>/.")] = None,
     importance: Annotated[
         Optional[list[str]],
@@ -38,7 +41,21 @@ def report(
     alpha: Annotated[float, typer.Option("--alpha", help="FDR level of the recovery.", min=0.0, max=1.0)] = 0.05,
     pdf: Annotated[bool, typer.Option("--pdf", help="Also compile report.pdf with pdflatex.")] = False,
 ) -> None:
-    """Collect tables and figures into a LaTeX report (and recovery.json on simulated data)."""
+    """Collect tables and figures into a LaTeX report (and recovery.json on simulated data).
+
+    On a clocks folder (with clocks.json): the organ-age report (and DIR/clock_recovery.json on simulated data).
+    """
+    from analysis.organ_stats import is_clocks_folder
+
+    if is_clocks_folder(run):
+        from analysis.report_organs import write_organ_report
+
+        if importance:
+            raise InputError(f"{run} is a clocks folder: --importance applies to a run folder only")
+        organ = write_organ_report(run, out, alpha=alpha, pdf=pdf)
+        for line in organ.summary():
+            typer.echo(line)
+        return
     from analysis.report import write_report
 
     result = write_report(run, out, measures=_measures(importance), alpha=alpha, pdf=pdf)

@@ -8,13 +8,16 @@ from typing import Annotated, Optional
 import typer
 
 from analysis._typing import FdrFamily, GapCorrection, MixedEngine, RegionLevel, RegionMetric
+from bodyage.errors import InputError
 from cli.errors import handles_errors
 from cli.progress import progress_display
 
 
 @handles_errors
 def stats(
-    run: Annotated[Path, typer.Argument(help="Run folder (after train; region models need attribute).")],
+    run: Annotated[
+        Path, typer.Argument(help="Run folder (after train; region models need attribute), or a clocks folder.")
+    ],
     phenotype: Annotated[
         Optional[list[str]],
         typer.Option("--phenotype", help="Phenotype column (repeatable). Default: every non-reserved cohort column."),
@@ -80,8 +83,52 @@ def stats(
         ),
     ] = None,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures.")] = True,
+    include_uninformative: Annotated[
+        bool,
+        typer.Option(
+            "--include-uninformative",
+            help="Clocks folder only: also test the clocks flagged uninformative (left out by default).",
+        ),
+    ] = False,
 ) -> None:
-    """Age-gap correction, mixed models, FDR, LaTeX tables and figures (RUN/stats, RUN/figures)."""
+    """Age-gap correction, mixed models, FDR, LaTeX tables and figures (RUN/stats, RUN/figures).
+
+    On a clocks folder (DIR of `bodyage clocks`, with clocks.json): the organ age gaps of every clock against the
+    phenotypes, BH-FDR over clocks x phenotypes, the clock x clock correlations (DIR/stats, DIR/figures).
+    """
+    from analysis.organ_stats import is_clocks_folder
+
+    if is_clocks_folder(run):
+        from analysis.organ_outputs import run_organ_stats
+
+        given = {
+            "--metric": metric is not None,
+            "--correction": correction != "train",
+            "--method": bool(method),
+            "--level": level != "region",
+            "--fdr-family": fdr_family != "method",
+            "--captions": captions is not None,
+        }
+        if wrong := [k for k, v in given.items() if v]:
+            raise InputError(f"{run} is a clocks folder: {', '.join(wrong)} apply to a run folder only")
+        with progress_display() as progress:
+            organ = run_organ_stats(
+                run,
+                phenotypes=phenotype,
+                covariates=covariate,
+                default_covariates=default_covariates,
+                group=None if group.lower() == "none" else group,
+                engine=engine,
+                include_uninformative=include_uninformative,
+                alpha=alpha,
+                figures=figures,
+                progress=progress,
+            )
+        for line in organ.summary():
+            typer.echo(line)
+        return
+    if include_uninformative:
+        raise InputError("--include-uninformative applies to a clocks folder (with clocks.json) only")
     from analysis.stats import run_stats
     from bodyage.regions import group_of
 
