@@ -12,7 +12,8 @@ goals, the 40,000-scan projection, memory) and copies the demo's figures to
 ``docs/results/figures/``; the pages of ``docs/results/`` show them when the site is built
 (``reports/docs_hooks.py``). Each file names what it measured: the run folder, the bodyage
 version and git revision the run recorded, the command, and the machine (CPU model from
-``lscpu``). Then it refreshes the README's summary line (``reports/readme_summary.py``).
+``lscpu``). Then it rebuilds the README's picture (``reports/readme_figure.py``, when the
+demo saved maps) and refreshes the README's summary line (``reports/readme_summary.py``).
 
 Nothing here is typed by hand: a value the run did not record is ``null`` and the page
 says "not measured yet".
@@ -405,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", type=Path, help="the output of `bodyage bench --json`")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON files go [docs/results]")
     parser.add_argument("--no-readme", action="store_true", help="do not refresh the README's summary line")
+    parser.add_argument(
+        "--no-figure", action="store_true", help="do not rebuild reports/demo_overview.png (reports/readme_figure.py)"
+    )
     args = parser.parse_args(argv)
 
     demo = demo_results(args.demo)
@@ -418,8 +422,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {args.bench}: not a `bodyage bench --json` output ({err})") from err
         write_json(args.out / "bench.json", bench_results(bench, args.bench))
         written.append(args.out / "bench.json")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if not args.no_figure and any((args.demo / "run" / "attribute" / "maps").glob("*.png")):
+        import readme_figure
+
+        readme_figure.main(args.demo, ROOT / "reports" / "demo_overview.png")
+        written.append(ROOT / "reports" / "demo_overview.png")
     if not args.no_readme:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from readme_summary import update_readme
 
         update_readme(ROOT / "README.md", args.out / "demo.json")
