@@ -1,0 +1,158 @@
+"""Organ gap statistics and recovery on clocks folders of simulated studies -> ``docs/results/organ_stats.json``.
+
+Run from the repository root on one or more folders made by ``bodyage clocks`` on simulated
+studies (one per draw: another ``--seed`` of ``bodyage simulate``)::
+
+    OMP_NUM_THREADS=2 python reports/organ_stats_results.py CLOCKS_SEED0 CLOCKS_SEED1 ...
+
+For each folder it runs ``bodyage stats`` (:func:`analysis.organ_outputs.run_organ_stats`,
+the defaults) and reads the recovery it writes (``DIR/clock_recovery.json``). The JSON
+names the command, the bodyage version and git revision (and whether the working tree had
+uncommitted changes), the machine, and per clock the recovery r of every draw with their
+mean, min and max; per phenotype the clocks found significant in each draw; the mean
+correlation between informative clocks; and a table for the docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results" / "organ_stats.json"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    values = [v if v is not None and math.isfinite(v) else None for v in values]
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"values": values, "mean": None, "min": None, "max": None}
+    return {
+        "values": [None if v is None else round(v, 3) for v in values],
+        "mean": round(sum(vals) / len(vals), 3),
+        "min": round(min(vals), 3),
+        "max": round(max(vals), 3),
+    }
+
+
+def _cell(s: dict[str, Any]) -> str:
+    if s["mean"] is None:
+        return "n/a"
+    if s["min"] == s["max"]:
+        return f"{s['mean']:.2f}"
+    return f"{s['mean']:.2f} ({s['min']:.2f} to {s['max']:.2f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the statistics on every folder; write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", type=Path, nargs="+")
+    parser.add_argument("--json", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+
+    from analysis.organ_outputs import run_organ_stats
+    from analysis.organ_stats import mean_correlation
+    from bodyage import __version__
+
+    started = time.perf_counter()
+    draws = []
+    for folder in args.folders:
+        res = run_organ_stats(folder)
+        if res.recovery is None:
+            raise SystemExit(f"{folder}: not a clocks folder of a simulated study (no clock_recovery.json)")
+        draws.append((folder, res))
+    minutes = (time.perf_counter() - started) / 60.0
+
+    names = list(dict.fromkeys(c for _, r in draws for c in r.recovery["clocks"]))  # type: ignore[index]
+    clocks: dict[str, Any] = {}
+    rows = []
+    for name in names:
+        entries = [r.recovery["clocks"].get(name) for _, r in draws]  # type: ignore[index]
+        present = [e for e in entries if e is not None]
+        corr = _spread([e["r_planted"] if e else None for e in entries])
+        spec = _spread([e["r_planted_specific"] if e else None for e in entries])
+        clocks[name] = {
+            "planted": any(e["planted"] for e in present),
+            "informative": [e["informative"] if e else None for e in entries],
+            "r_planted": corr,
+            "r_planted_specific": spec,
+            "goal_met": [e["goal_met"] if e else None for e in entries],
+        }
+        n_info = sum(1 for e in present if e["informative"])
+        rows.append(
+            [
+                name,
+                "yes" if clocks[name]["planted"] else "no",
+                f"{n_info}/{len(draws)}",
+                _cell(corr),
+                _cell(spec),
+            ]
+        )
+    phenotypes: dict[str, Any] = {}
+    prow = []
+    for pheno in dict.fromkeys(p for _, r in draws for p in r.recovery["phenotypes"]):  # type: ignore[index]
+        per = [r.recovery["phenotypes"].get(pheno) for _, r in draws]  # type: ignore[index]
+        phenotypes[pheno] = {
+            "planted_clocks": next((v["planted_clocks"] for v in per if v), []),
+            "anatomy_clocks": next((v["anatomy_clocks"] for v in per if v), []),
+            "significant_clocks": [v["significant_clocks"] if v else None for v in per],
+            "significant_clocks_conditioned": [v["significant_clocks_conditioned"] if v else None for v in per],
+            "false_positives": [v["false_positives"] if v else None for v in per],
+        }
+        sig = phenotypes[pheno]["significant_clocks"]
+        prow.append(
+            [
+                pheno,
+                ", ".join(phenotypes[pheno]["planted_clocks"]) or "none",
+                ", ".join(phenotypes[pheno]["anatomy_clocks"]) or "none",
+                "; ".join(", ".join(s) or "none" for s in sig if s is not None),
+            ]
+        )
+    doc = {
+        "command": "bodyage stats DIR (defaults) on each clocks folder; recovery from DIR/clock_recovery.json",
+        "bodyage": __version__,
+        "git_revision": _git("rev-parse", "--short", "HEAD"),
+        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "draws": [
+            {"folder": f.name, "scenario": r.recovery.get("scenario"), "n_clocks": len(r.recovery["clocks"])}  # type: ignore[union-attr]
+            for f, r in draws
+        ],
+        "n_draws": len(draws),
+        "draw_folders": [f.name for f, _ in draws],
+        "stats_minutes": round(minutes, 2),
+        "mean_correlation": _spread([mean_correlation(r.correlations) for _, r in draws]),
+        "clocks": clocks,
+        "phenotypes": phenotypes,
+        "table": {
+            "columns": ["clock", "planted", "informative (draws)", "r planted", "r specific (conditioned)"],
+            "rows": rows,
+        },
+        "phenotype_table": {
+            "columns": ["phenotype", "planted clocks", "anatomy clocks", "significant clocks (each draw)"],
+            "rows": prow,
+        },
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
+    print(f"{len(draws)} draw(s), {minutes:.1f} min; {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
