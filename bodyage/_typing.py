@@ -7,7 +7,7 @@ from typing import Literal
 Sex = Literal["F", "M"]
 Device = Literal["auto", "cpu", "cuda"]
 SegmentDevice = Literal["auto", "cpu", "gpu"]
-AgeingEffect = Literal["volume", "fat_fraction", "water_signal"]
+AgeingEffect = Literal["volume", "fat_fraction", "water_signal", "texture", "shape"]
 PhenotypeType = Literal["binary", "continuous"]
 AttributionMethod = Literal["gradcam", "integrated_gradients", "ablation", "shapley"]
 ImportanceMeasure = Literal["share", "enrichment", "density", "abs_mass"]
@@ -17,7 +17,9 @@ SegmentTask = Literal["total_mr", "tissue_types_mr"]
 
 SEXES: tuple[Sex, ...] = ("F", "M")
 DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
-AGEING_EFFECTS: tuple[AgeingEffect, ...] = ("volume", "fat_fraction", "water_signal")
+AGEING_EFFECTS: tuple[AgeingEffect, ...] = ("volume", "fat_fraction", "water_signal", "texture", "shape")
+#: the effects a phenotype's `anatomy` may have (texture and shape are ageing-only)
+ANATOMY_EFFECTS: tuple[AgeingEffect, ...] = ("volume", "fat_fraction", "water_signal")
 PHENOTYPE_TYPES: tuple[PhenotypeType, ...] = ("binary", "continuous")
 #: how `cohort ukb` refers to the source NIfTIs: symlinks in STUDY/images, absolute paths, copies
 IMAGES_AS: tuple[ImagesAs, ...] = ("link", "path", "copy")

@@ -114,14 +114,17 @@ def fill(markdown: str, results: dict[str, Any], docs_dir: Path, page: str = "")
 
     def value(match: re.Match[str]) -> str:
         name, path, spec = match.group(1), match.group(2), match.group(3)
+        text, start, end = match.string, match.start(), match.end()
+        in_code = start > 0 and text[start - 1] == "`" and end < len(text) and text[end] == "`"
+        missing = NOT_MEASURED.strip("*") if in_code else NOT_MEASURED  # no emphasis inside `code`
         if name not in results:
-            return NOT_MEASURED
+            return missing
         keys = [k for k in path.split(".") if k]
         found = lookup(results[name], keys)
         if found is _MISSING:
             log.warning("%s: docs/results/%s.json has no key %r", page, name, ".".join(keys))
-            return NOT_MEASURED
-        return render_value(found, spec)
+            return missing
+        return missing if found is None else render_value(found, spec)
 
     def figure(match: re.Match[str]) -> str:
         path, caption = match.group(1), (match.group(2) or "").strip()
