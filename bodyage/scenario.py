@@ -22,12 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
-from bodyage._typing import AGEING_EFFECTS, PHENOTYPE_TYPES, AgeingEffect, PhenotypeType
+from bodyage._typing import AGEING_EFFECTS, ANATOMY_EFFECTS, PHENOTYPE_TYPES, AgeingEffect, PhenotypeType
 from bodyage.errors import BodyageWarning, ScenarioError, quoted
 from bodyage.regions import LabelTable, combined_label_table
 
 #: names of the scenarios shipped with the package (``bodyage/scenarios/<name>.yaml``)
-BUILTIN_SCENARIOS: tuple[str, ...] = ("default",)
+BUILTIN_SCENARIOS: tuple[str, ...] = ("default", "dev", "quick")
+#: axes a ``shape`` ageing effect may stretch (body frame: x right, y anterior, z superior)
+SHAPE_AXES: tuple[str, ...] = ("x", "y", "z")
 
 _TOP_KEYS = (
     "subjects",
@@ -39,6 +41,7 @@ _TOP_KEYS = (
     "repeat_visits",
     "biological_age_sd",
     "region_age_sd",
+    "nuisance",
     "ageing",
     "phenotypes",
 )
@@ -78,15 +81,55 @@ class RepeatVisits:
 
 
 @dataclass(frozen=True)
+class Nuisance:
+    """Age-independent between-subject variation of every region (a trait: the same at every visit).
+
+    Each value is the *total* between-subject SD of a region's parameter across the cohort,
+    on the scale named; where planted ageing already moves that parameter, the
+    age-independent part is ``sqrt(sd² − ageing variance)`` (0 if ageing alone exceeds
+    ``sd``), so how much a region varies between subjects does not reveal that it ages.
+
+    Attributes
+    ----------
+    fat_fraction_sd
+        SD of the region's mean fat fraction on the logit scale.
+    water_signal_sd
+        SD of the log water-signal factor.
+    volume_sd
+        SD of the log volume factor (on top of the phantom's anatomical size jitter).
+    texture_sd
+        SD of the heterogeneity (log-scale SD of the fat fraction inside the region) of
+        regions with a ``texture`` effect.
+    shape_sd
+        SD of the log stretch of regions with a ``shape`` effect.
+    """
+
+    fat_fraction_sd: float = 0.7
+    water_signal_sd: float = 0.15
+    volume_sd: float = 0.15
+    texture_sd: float = 0.22
+    shape_sd: float = 0.15
+
+
+#: no age-independent variation (the phantom's size jitter remains)
+NO_NUISANCE = Nuisance(0.0, 0.0, 0.0, 0.0, 0.0)
+_NUISANCE_KEYS = ("fat_fraction_sd", "water_signal_sd", "volume_sd", "texture_sd", "shape_sd")
+
+
+@dataclass(frozen=True)
 class Ageing:
     """One planted ageing effect: ``per_year`` change of ``effect`` per year of the region's biological age.
 
-    ``volume`` and ``water_signal`` are relative changes, ``fat_fraction`` an absolute one.
+    ``volume`` and ``water_signal`` are relative changes, ``fat_fraction`` an absolute one,
+    ``texture`` the heterogeneity of the fat fraction inside the region (log-scale SD;
+    mean unchanged), ``shape`` the relative stretch along ``axis`` at constant volume (the other
+    two axes shrink by its square root).
     """
 
     region: str
     effect: AgeingEffect
     per_year: float
+    axis: str = "z"
 
 
 @dataclass(frozen=True)
@@ -101,7 +144,7 @@ class Phenotype:
     anatomy
         Non-ageing effects per unit of the phenotype (carrier: 1; continuous: per unit of
         the value above its mean): ``{region: {effect: amount}}`` with the effects of
-        :data:`bodyage._typing.AGEING_EFFECTS`.
+        :data:`bodyage._typing.ANATOMY_EFFECTS`.
     """
 
     name: str
@@ -126,6 +169,7 @@ class Scenario:
     repeat_visits: RepeatVisits = RepeatVisits()
     biological_age_sd: float = 1.5
     region_age_sd: float = 3.0
+    nuisance: Nuisance = Nuisance()
     ageing: tuple[Ageing, ...] = ()
     phenotypes: tuple[Phenotype, ...] = ()
     name: str = "custom"
@@ -143,7 +187,11 @@ class Scenario:
         d = asdict(self)
         d.pop("name")
         d["grid"] = {"shape": list(self.grid.shape), "spacing_mm": list(self.grid.spacing_mm)}
-        d["ageing"] = [asdict(a) for a in self.ageing]
+        d["ageing"] = [
+            {"region": a.region, "effect": a.effect, "per_year": a.per_year}
+            | ({"axis": a.axis} if a.effect == "shape" else {})
+            for a in self.ageing
+        ]
         phen: dict[str, Any] = {}
         for p in self.phenotypes:
             entry: dict[str, Any] = {"type": p.type}
@@ -294,6 +342,14 @@ def parse_scenario(raw: Any, *, source: str = "<dict>", labels: LabelTable | Non
     bio_sd = _number(ctx, "biological_age_sd", top.get("biological_age_sd", base.biological_age_sd), lo=0, hi=50)
     reg_sd = _number(ctx, "region_age_sd", top.get("region_age_sd", base.region_age_sd), lo=0, hi=50)
 
+    nuis_raw = _mapping(ctx, "nuisance", top.get("nuisance", {}), _NUISANCE_KEYS)
+    nuisance = Nuisance(
+        **{
+            k: _number(ctx, f"nuisance.{k}", nuis_raw.get(k, getattr(base.nuisance, k)), lo=0, hi=3)
+            for k in _NUISANCE_KEYS
+        }
+    )
+
     ageing_raw = top.get("ageing", [])
     if ageing_raw is None:
         ageing_raw = []
@@ -303,7 +359,7 @@ def parse_scenario(raw: Any, *, source: str = "<dict>", labels: LabelTable | Non
     seen_effects: set[tuple[str, str]] = set()
     for i, entry in enumerate(ageing_raw):
         key = f"ageing[{i}]"
-        e = _mapping(ctx, key, entry, ("region", "effect", "per_year"))
+        e = _mapping(ctx, key, entry, ("region", "effect", "per_year", "axis"))
         for required in ("region", "effect", "per_year"):
             if required not in e:
                 raise ctx.fail(f"{key}.{required}", "is missing")
@@ -312,10 +368,20 @@ def parse_scenario(raw: Any, *, source: str = "<dict>", labels: LabelTable | Non
         if effect not in AGEING_EFFECTS:
             raise ctx.fail(f"{key}.effect", f"must be one of {', '.join(AGEING_EFFECTS)}, got {effect!r}")
         per_year = _number(ctx, f"{key}.per_year", e["per_year"], lo=-0.5, hi=0.5)
+        if effect == "texture" and per_year <= 0:
+            raise ctx.fail(
+                f"{key}.per_year",
+                f"must be > 0 for effect texture (heterogeneity grows with age), got {e['per_year']!r}",
+            )
+        axis = e.get("axis", "z")
+        if "axis" in e and effect != "shape":
+            raise ctx.fail(f"{key}.axis", f"applies to effect shape only, not {effect!r}")
+        if axis not in SHAPE_AXES:
+            raise ctx.fail(f"{key}.axis", f"must be one of {', '.join(SHAPE_AXES)}, got {axis!r}")
         if (region, effect) in seen_effects:
             raise ctx.fail(f"{key}", f"repeats effect {effect!r} for region {region!r}")
         seen_effects.add((region, effect))
-        ageing.append(Ageing(region=region, effect=cast(AgeingEffect, effect), per_year=per_year))
+        ageing.append(Ageing(region=region, effect=cast(AgeingEffect, effect), per_year=per_year, axis=str(axis)))
 
     phen_raw = top.get("phenotypes", {})
     if phen_raw is None:
@@ -370,7 +436,7 @@ def parse_scenario(raw: Any, *, source: str = "<dict>", labels: LabelTable | Non
         anatomy: dict[str, dict[str, float]] = {}
         for region, effects in an_raw.items():
             r = _region(ctx, f"{key}.anatomy.{region}", region, table)
-            eff = _mapping(ctx, f"{key}.anatomy.{region}", effects, AGEING_EFFECTS)
+            eff = _mapping(ctx, f"{key}.anatomy.{region}", effects, ANATOMY_EFFECTS)
             anatomy[r] = {str(k): _number(ctx, f"{key}.anatomy.{region}.{k}", v, lo=-1, hi=1) for k, v in eff.items()}
         phenotypes.append(
             Phenotype(
@@ -394,6 +460,7 @@ def parse_scenario(raw: Any, *, source: str = "<dict>", labels: LabelTable | Non
         repeat_visits=repeat,
         biological_age_sd=bio_sd,
         region_age_sd=reg_sd,
+        nuisance=nuisance,
         ageing=tuple(ageing),
         phenotypes=tuple(phenotypes),
         name=Path(source).stem if source != "<dict>" else "custom",

@@ -15,7 +15,7 @@ from cli.progress import progress_display
 def simulate(
     study: Annotated[Path, typer.Argument(help="Study folder to write (new or empty).")],
     scenario: Annotated[
-        str, typer.Option("--scenario", help="Built-in scenario name (default) or a scenario YAML file.")
+        str, typer.Option("--scenario", help="Built-in scenario name (default, dev) or a scenario YAML file.")
     ] = "default",
     subjects: Annotated[
         Optional[int], typer.Option("--subjects", help="Override the scenario's number of subjects.")

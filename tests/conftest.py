@@ -24,6 +24,8 @@ TINY_SCENARIO: dict[str, Any] = {
     "repeat_visits": {"fraction": 0.25, "interval_years": 2.5},
     "biological_age_sd": 1.5,
     "region_age_sd": 3.0,
+    # no age-independent variation: pipeline tests see the planted ageing plainly
+    "nuisance": {"fat_fraction_sd": 0.0, "water_signal_sd": 0.0, "volume_sd": 0.0, "texture_sd": 0.0, "shape_sd": 0.0},
     "ageing": [
         {"region": "liver", "effect": "fat_fraction", "per_year": 0.004},
         {"region": "pancreas", "effect": "fat_fraction", "per_year": 0.004},

@@ -106,7 +106,7 @@ def _with(path: str, value: object) -> dict:
         (_with("grid.shape", [32, 24]), r"grid\.shape must be a list of 3 numbers"),
         (
             _with("ageing.0.effect", "stiffness"),
-            r"ageing\[0\]\.effect must be one of volume, fat_fraction, water_signal, got 'stiffness'",
+            r"ageing\[0\]\.effect must be one of volume, fat_fraction, water_signal, texture, shape, got 'stiffness'",
         ),
         (_with("phenotypes.diabetes.type", "ordinal"), r"phenotypes\.diabetes\.type must be one of binary, continuous"),
         ({**FULL, "ageing": {"region": "liver"}}, r"ageing must be a list"),
@@ -125,6 +125,27 @@ def _with(path: str, value: object) -> dict:
         (
             {**FULL, "phenotypes": {"age": {"type": "binary", "prevalence": 0.1}}},
             r"phenotypes\.age uses a reserved cohort column name",
+        ),
+        # the harder harness's keys (issue 16)
+        ({**FULL, "nuisance": {"fat_fraction_sd": -0.1}}, r"nuisance\.fat_fraction_sd must be >= 0, got -0\.1"),
+        ({**FULL, "nuisance": {"texture": 0.1}}, r"nuisance\.texture is not a known key"),
+        ({**FULL, "nuisance": {"volume_sd": "big"}}, r"nuisance\.volume_sd must be a number, got 'big'"),
+        ({**FULL, "nuisance": [0.1]}, r"nuisance must be a mapping"),
+        (
+            _with("ageing.0", {"region": "liver", "effect": "shape", "per_year": 0.01, "axis": "w"}),
+            r"ageing\[0\]\.axis must be one of x, y, z, got 'w'",
+        ),
+        (
+            _with("ageing.0", {"region": "liver", "effect": "fat_fraction", "per_year": 0.01, "axis": "z"}),
+            r"ageing\[0\]\.axis applies to effect shape only, not 'fat_fraction'",
+        ),
+        (
+            _with("ageing.0", {"region": "liver", "effect": "texture", "per_year": -0.01}),
+            r"ageing\[0\]\.per_year must be > 0 for effect texture",
+        ),
+        (
+            _with("phenotypes.bmi.anatomy", {"liver": {"texture": 0.1}}),
+            r"phenotypes\.bmi\.anatomy\.liver\.texture is not a known key",
         ),
     ],
 )
@@ -151,3 +172,43 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
 def test_an_empty_scenario_is_a_cohort_without_ageing() -> None:
     sc = parse_scenario({})
     assert sc.ageing == () and sc.phenotypes == ()
+
+
+def test_nuisance_texture_and_shape_keys(tmp_path: Path) -> None:
+    raw = {
+        **FULL,
+        "nuisance": {
+            "fat_fraction_sd": 0.5,
+            "water_signal_sd": 0.1,
+            "volume_sd": 0.2,
+            "texture_sd": 0.3,
+            "shape_sd": 0.05,
+        },
+        "ageing": [
+            {"region": "liver", "effect": "texture", "per_year": 0.01},
+            {"region": "spleen", "effect": "shape", "per_year": -0.01, "axis": "x"},
+            {"region": "kidney_left", "effect": "shape", "per_year": 0.01},
+        ],
+    }
+    path = tmp_path / "harder.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    sc = load_scenario(path)
+    n = sc.nuisance
+    assert (n.fat_fraction_sd, n.water_signal_sd, n.volume_sd, n.texture_sd, n.shape_sd) == (0.5, 0.1, 0.2, 0.3, 0.05)
+    assert [(a.effect, a.axis) for a in sc.ageing] == [("texture", "z"), ("shape", "x"), ("shape", "z")]
+    assert parse_scenario(sc.to_dict()).to_dict() == sc.to_dict()
+    assert "axis" not in sc.to_dict()["ageing"][0] and sc.to_dict()["ageing"][2]["axis"] == "z"
+    # a missing nuisance key gets the default's realistic levels; zero turns it off
+    assert parse_scenario({}).nuisance == load_scenario("default").nuisance
+    assert parse_scenario({"nuisance": {"fat_fraction_sd": 0}}).nuisance.fat_fraction_sd == 0
+
+
+def test_dev_scenario_differs_from_default() -> None:
+    default, dev = load_scenario("default"), load_scenario("dev")
+    assert dev.name == "dev" and dev.seed != default.seed
+    assert not set(dev.planted_regions) & set(default.planted_regions)
+    for sc in (default, dev):
+        effects = {a.effect for a in sc.ageing}
+        assert {"texture", "shape", "fat_fraction", "volume"} <= effects
+        assert sc.nuisance.fat_fraction_sd > 0 and sc.nuisance.water_signal_sd > 0 and sc.nuisance.volume_sd > 0
+    assert dev.grid == default.grid and dev.age == default.age

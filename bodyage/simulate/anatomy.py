@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 
-from bodyage.simulate.shapes import Box, Ellipsoid, Profile, Shape, Tube, rotation
+from bodyage.simulate.shapes import Box, Ellipsoid, Profile, Shape, Stretched, Tube, rotation
 
 #: internal ids >= this value are unlabelled tissue (mask value 0)
 FIRST_INTERNAL_ID = 200
@@ -66,6 +66,9 @@ class BodyParams:
         Per-region position jitter (mm, body frame).
     region_volume
         Per-region volume factor (size jitter × planted ageing × phenotype anatomy).
+    region_shape
+        Per-region planted shape change: (body axis 0/1/2, stretch along it at constant
+        volume).
     cavity_scale
         Scale of the abdominal cavity cross-section (sets the torso fat volume).
     """
@@ -77,6 +80,7 @@ class BodyParams:
     sat_mm: float = 20.0
     region_offset: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
     region_volume: Mapping[str, float] = field(default_factory=dict)
+    region_shape: Mapping[str, tuple[int, float]] = field(default_factory=dict)
     cavity_scale: float = 1.0
 
 
@@ -424,7 +428,26 @@ def subject_regions(body: BodyParams, disc_min_mm: float = 0.0) -> list[tuple[st
         if factor != 1.0 or offset != (0.0, 0.0, 0.0):
             shape = _scaled(shape, factor, offset)
         regions.append((name, shape))
-    return regions
+    return _reshaped(regions, body.region_shape) if body.region_shape else regions
+
+
+def _reshaped(regions: list[tuple[str, Shape]], stretch: Mapping[str, tuple[int, float]]) -> list[tuple[str, Shape]]:
+    """Stretch the parts of each region in ``stretch`` (axis, factor) about the centre of all its parts."""
+    out = list(regions)
+    for name, (axis, factor) in stretch.items():
+        if factor == 1.0:
+            continue
+        parts = [i for i, (n, _) in enumerate(out) if n == name]
+        if not parts:
+            continue
+        boxes = [out[i][1].bbox() for i in parts]
+        lo = np.min([b[0] for b in boxes], axis=0)
+        hi = np.max([b[1] for b in boxes], axis=0)
+        c = (lo + hi) / 2.0
+        centre = (float(c[0]), float(c[1]), float(c[2]))
+        for i in parts:
+            out[i] = (name, Stretched(out[i][1], centre, axis, factor))
+    return out
 
 
 # ----------------------------------------------------------------------------- rasterising

@@ -36,8 +36,16 @@ from bodyage.simulate.anatomy import (
     rasterise,
     subject_regions,
 )
-from bodyage.simulate.planted import biological_ages, draw_subjects, planted_parameters
-from bodyage.simulate.tissue import dixon_images, tissue_of
+from bodyage.simulate.planted import (
+    NUISANCE_CHANNELS,
+    biological_ages,
+    draw_subjects,
+    nuisance_sd,
+    planted_parameters,
+    scaled_nuisance,
+)
+from bodyage.simulate.resolution import default_model_grid, region_counts, resolvable_summary
+from bodyage.simulate.tissue import dixon_images, texture_fat_fraction, texture_field, tissue_of
 from bodyage.study import COHORT_FILE, LABELS_FILE, STUDY_FILE, TRUTH_FILE, scan_id, write_cohort
 
 TRUTH_TABLE = "truth.parquet"
@@ -64,6 +72,7 @@ class ScanSpec:
     torso_fat_factor: float
     channel_scale: tuple[float, float]
     noise_seed: tuple[int, ...]
+    texture: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,26 +125,44 @@ def render_scan(spec: ScanSpec, grid: GridSpec, labels: LabelTable, noise_sd: fl
         pd_map[i] = spec.proton_density.get(name, tissue_of(name).pd)
         ff_map[i] = spec.fat_fraction.get(name, tissue_of(name).ff)
         ws_map[i] = spec.water_signal.get(name, 1.0)
+    texture: dict[int, npt.NDArray[np.float64]] = {}
+    trng = np.random.default_rng(np.random.SeedSequence([*spec.noise_seed, 0x7E47]))
+    for name, cv in sorted((spec.texture or {}).items()):
+        i = ids[name]
+        sel = internal == i
+        if cv <= 0 or not sel.any():
+            continue
+        texture[i] = texture_fat_fraction(ff_map[i], cv, texture_field(sel, grid.spacing, trng))
     rng = np.random.default_rng(np.random.SeedSequence(list(spec.noise_seed)))
     water, fat = dixon_images(
-        internal, pd_map, ff_map, ws_map, channel_scale=spec.channel_scale, noise_sd=noise_sd, rng=rng
+        internal,
+        pd_map,
+        ff_map,
+        ws_map,
+        channel_scale=spec.channel_scale,
+        noise_sd=noise_sd,
+        rng=rng,
+        texture=texture,
     )
     mask = np.where(internal >= min(INTERNAL_TISSUES.values()), 0, internal)
     dtype = np.uint8 if labels.max_id < 256 else np.uint16
     return water, fat, mask.astype(dtype)
 
 
-def _write_scan(args: tuple[ScanSpec, GridSpec, LabelTable, float, str]) -> tuple[str, npt.NDArray[np.int64]]:
+def _write_scan(
+    args: tuple[ScanSpec, GridSpec, LabelTable, float, str, tuple[int, int, int]],
+) -> tuple[str, npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     from bodyage.volumes import save_volume
 
-    spec, grid, labels, noise_sd, root = args
+    spec, grid, labels, noise_sd, root, model_grid = args
     water, fat, mask = render_scan(spec, grid, labels, noise_sd)
     folder = Path(root)
     save_volume(folder / "images" / f"{spec.scan}_water.nii.gz", water, grid.affine)
     save_volume(folder / "images" / f"{spec.scan}_fat.nii.gz", fat, grid.affine)
     save_volume(folder / "masks" / f"{spec.scan}.nii.gz", mask, grid.affine)
     counts = np.bincount(mask.ravel().astype(np.int64), minlength=labels.max_id + 1)
-    return spec.scan, counts
+    majority, interior = region_counts(mask, model_grid, labels.max_id + 1)
+    return spec.scan, counts, majority, interior
 
 
 # ----------------------------------------------------------------------------- the cohort
@@ -170,7 +197,11 @@ def build_cohort(
     age = np.array([r[2] for r in rows], dtype=float)
     bio = biological_ages(scenario, age, draws, regions, rows=subj)
     phen_rows = {k: v[subj] for k, v in draws.phenotypes.items()}
-    params = planted_parameters(scenario, bio, phen_rows, regions)
+    nuis_sd = nuisance_sd(scenario, regions)
+    params = planted_parameters(scenario, bio, phen_rows, regions, scaled_nuisance(draws, nuis_sd, rows=subj))
+    texture_cv, stretch = params.texture_cv(), params.shape_stretch()
+    texture_regions = [a.region for a in scenario.ageing if a.effect == "texture"]
+    shape_axes = {a.region: "xyz".index(a.axis) for a in scenario.ageing if a.effect == "shape"}
 
     # subject anatomy (same at every visit)
     arng = np.random.default_rng(anatomy_seq)
@@ -214,6 +245,7 @@ def build_cohort(
         body = replace(
             base,
             region_volume=vol,
+            region_shape={r: (ax, float(stretch[k, col[r]])) for r, ax in shape_axes.items()},
             sat_mm=base.sat_mm * float(params.volume_factor[k, col["subcutaneous_fat"]]),
         )
         pose = Pose(*(float(v) for v in srng.normal(0.0, (5.0, 5.0, 12.0))))
@@ -229,6 +261,7 @@ def build_cohort(
                 torso_fat_factor=float(params.volume_factor[k, col["torso_fat"]] * tf_jitter[i]),
                 channel_scale=(float(site_scale[draws.site[i], 0]), float(site_scale[draws.site[i], 1])),
                 noise_seed=(scenario.seed, 0x5CA7, i, int(visit[k])),
+                texture={r: float(texture_cv[k, col[r]]) for r in texture_regions},
             )
         )
 
@@ -259,9 +292,14 @@ def build_cohort(
             "fat_fraction": params.fat_fraction.ravel(),
             "water_signal": params.water_signal.ravel(),
             "volume_factor": params.volume_factor.ravel(),
+            "texture_cv": texture_cv.ravel(),
+            "shape_stretch": stretch.ravel(),
         }
     )
     truth["planted"] = truth["region"].isin(scenario.planted_regions)
+    truth.attrs["nuisance_sd"] = {
+        r: {c: float(nuis_sd[j, m]) for m, c in enumerate(NUISANCE_CHANNELS)} for j, r in enumerate(regions)
+    }
     return cohort, truth, specs
 
 
@@ -327,11 +365,14 @@ def simulate_study(
     n_workers = workers if workers is not None else min(2, os.cpu_count() or 1, max(1, len(specs) // 20))
     task = progress.task("simulate", len(specs))
     counts: dict[str, npt.NDArray[np.int64]] = {}
-    jobs = [(s, grid, labels, sc.noise_sd, str(root)) for s in specs]
+    model_counts: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
+    model_grid = default_model_grid(sc.grid.shape)
+    jobs = [(s, grid, labels, sc.noise_sd, str(root), model_grid) for s in specs]
     if n_workers <= 1:
         for job in jobs:
-            scan, c = _write_scan(job)
+            scan, c, maj, inner = _write_scan(job)
             counts[scan] = c
+            model_counts[scan] = (maj, inner)
             task.advance()
     else:
         import multiprocessing as mp
@@ -340,8 +381,9 @@ def simulate_study(
         # fork is cheapest; once torch (and its thread pools) is loaded, fork from a clean server
         method = "forkserver" if "torch" in sys.modules else "fork"
         with ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context(method)) as pool:
-            for scan, c in pool.map(_write_scan, jobs, chunksize=4):
+            for scan, c, maj, inner in pool.map(_write_scan, jobs, chunksize=4):
                 counts[scan] = c
+                model_counts[scan] = (maj, inner)
                 task.advance()
     task.close()
 
@@ -358,6 +400,16 @@ def simulate_study(
     from bodyage.simulate.oracle import compute_oracle
 
     oracle = compute_oracle(sc, labels.regions)
+    resolvable = resolvable_summary(
+        sc,
+        {r: labels.id_of(r) for r in labels.regions},
+        model_grid,
+        sc.grid.shape,
+        sc.grid.spacing_mm,
+        np.stack([model_counts[s.scan][0] for s in specs]),
+        np.stack([model_counts[s.scan][1] for s in specs]),
+    )
+    nuisance_by_region = truth.attrs.pop("nuisance_sd")
     write_cohort(cohort, root / COHORT_FILE)
     labels.write(root / LABELS_FILE)
     write_with(root / TRUTH_TABLE, lambda p: truth.to_parquet(p, index=False))
@@ -373,6 +425,10 @@ def simulate_study(
             "oracle": oracle.to_dict(),
             "region_information": oracle.region_information,
             "planted_regions": sc.planted_regions,
+            "effects": {a.region: sorted({b.effect for b in sc.ageing if b.region == a.region}) for a in sc.ageing},
+            "nuisance_sd": nuisance_by_region,
+            "resolvable": resolvable,
+            "below_resolution": resolvable["below_resolution"],
             "phenotype_regions": {p.name: sorted(p.accelerates) for p in sc.phenotypes},
         },
     )

@@ -2,12 +2,16 @@
 
 ``oracle_mae`` is the floor no image model can beat: the MAE of the best predictor of
 chronological age we can build from the true planted per-region quantities (fat
-fractions, water-signal factors, volume factors of the regions with an ``ageing``
-entry). Two predictors are fitted on a large fresh sample of the scenario and evaluated on
-a second one; the smaller MAE is the oracle:
+fractions, water-signal factors, volume factors, texture coefficients of variation and
+shape stretches of the regions with an ``ageing`` entry, age-independent ``nuisance``
+variation included: the image shows both). Three predictors are fitted on a large fresh
+sample of the scenario and evaluated on a second one; the smallest MAE is the oracle:
 
 ``ols``
     Linear regression of age on the planted quantities.
+``ols_log``
+    The same on logit fat fractions and log water and volume factors (the scale the
+    age-independent variation is drawn on).
 ``bayes``
     Each quantity is inverted to an age-scale estimate of its region's biological age;
     they are combined by generalised least squares with the empirical covariance of their
@@ -30,7 +34,15 @@ import numpy as np
 import numpy.typing as npt
 
 from bodyage.scenario import Scenario
-from bodyage.simulate.planted import biological_ages, draw_subjects, planted_features, planted_parameters
+from bodyage.simulate.planted import (
+    TEXTURE_BASE_CV,
+    biological_ages,
+    draw_subjects,
+    nuisance_sd,
+    planted_features,
+    planted_parameters,
+    scaled_nuisance,
+)
 
 Array = npt.NDArray[np.float64]
 
@@ -61,13 +73,24 @@ class OracleResult:
 
 
 def _sample(
-    scenario: Scenario, regions: Sequence[str], n: int, rng: np.random.Generator
+    scenario: Scenario, regions: Sequence[str], n: int, rng: np.random.Generator, nuis_sd: Array
 ) -> tuple[Array, Array, list[str]]:
     draws = draw_subjects(scenario, n, regions, rng)
     bio = biological_ages(scenario, draws.age, draws, regions)
-    params = planted_parameters(scenario, bio, draws.phenotypes, regions)
+    params = planted_parameters(scenario, bio, draws.phenotypes, regions, scaled_nuisance(draws, nuis_sd))
     x, names = planted_features(scenario, params, regions)
     return draws.age, x, names
+
+
+def _log_scale(scenario: Scenario, x: Array) -> Array:
+    """Planted quantities on the scale their age-independent variation is drawn on."""
+    out = x.copy()
+    for j, a in enumerate(scenario.ageing):
+        if a.effect == "fat_fraction":
+            out[:, j] = np.log(x[:, j] / (1.0 - x[:, j]))
+        elif a.effect in ("water_signal", "volume"):
+            out[:, j] = np.log(x[:, j])
+    return out
 
 
 def _ols_mae(x_fit: Array, y_fit: Array, x_eval: Array, y_eval: Array) -> float:
@@ -86,7 +109,7 @@ def _age_scale(scenario: Scenario, x: Array, cols: Sequence[int]) -> tuple[Array
         a = scenario.ageing[j]
         if a.per_year == 0:
             continue
-        base = tissue_of(a.region).ff if a.effect == "fat_fraction" else 1.0
+        base = {"fat_fraction": tissue_of(a.region).ff, "texture": TEXTURE_BASE_CV}.get(a.effect, 1.0)
         out.append((x[:, j] - base) / a.per_year + scenario.age.min)
         kept.append(j)
     if not out:
@@ -135,15 +158,18 @@ def compute_oracle(
     """
     base = np.random.SeedSequence([scenario.seed if seed is None else seed, 0x0AC1E])
     rng_fit, rng_eval = (np.random.default_rng(s) for s in base.spawn(2))
-    y_fit, x_fit, names = _sample(scenario, regions, n, rng_fit)
-    y_eval, x_eval, _ = _sample(scenario, regions, n, rng_eval)
+    nuis_sd = nuisance_sd(scenario, regions)
+    y_fit, x_fit, names = _sample(scenario, regions, n, rng_fit, nuis_sd)
+    y_eval, x_eval, _ = _sample(scenario, regions, n, rng_eval, nuis_sd)
+    l_fit, l_eval = _log_scale(scenario, x_fit), _log_scale(scenario, x_eval)
 
     def evaluate(cols: list[int]) -> dict[str, float]:
         ols = _ols_mae(x_fit[:, cols], y_fit, x_eval[:, cols], y_eval)
+        ols_log = _ols_mae(l_fit[:, cols], y_fit, l_eval[:, cols], y_eval)
         est_fit, kept = _age_scale(scenario, x_fit, cols)
         est_eval, _ = _age_scale(scenario, x_eval, kept)
         bayes = _bayes_mae(scenario, est_fit, y_fit, est_eval, y_eval)
-        return {"ols": ols, "bayes": bayes}
+        return {"ols": ols, "ols_log": ols_log, "bayes": bayes}
 
     all_cols = list(range(len(names)))
     full = evaluate(all_cols)

@@ -14,9 +14,20 @@ phenotypes). Planted parameters change linearly with ``bio_age − age.min``:
 - ``fat_fraction``: base fat fraction + per_year · (bio_age − age.min)  (absolute)
 - ``water_signal``: 1 + per_year · (bio_age − age.min)                (relative)
 - ``volume``: volume factor 1 + per_year · (bio_age − age.min)         (relative)
+- ``texture``: heterogeneity s = 0.2 + per_year · (bio_age − age.min), clipped to [0, 0.8]:
+  the fat fraction inside the region is ``ff · exp(s · g)`` renormalised to mean ``ff``,
+  with ``g`` a smooth random field of SD 1 (patches of ~4 cm), so the region's mean is
+  unchanged and its voxels' relative SD is about ``sqrt(exp(s²) − 1)``
+- ``shape``: stretch 1 + per_year · (bio_age − age.min) along the entry's axis, clipped to
+  [0.5, 2]; the other two axes shrink by its square root (volume unchanged)
 
 and phenotype ``anatomy`` effects add (fat fraction) or multiply (1 + amount · Δ) on top,
 where Δ is the carrier indicator or the phenotype's value minus its mean.
+
+Age-independent variation (the scenario's ``nuisance``) comes last, a trait of the
+subject shared by its visits: ``logit(ff) += e_ff``, ``water · exp(e_w)``,
+``volume · exp(e_v)`` in every region, and ``cv += e_t``, ``stretch · exp(e_s)`` in the
+regions with a texture or shape effect, with per-region SDs from :func:`nuisance_sd`.
 """
 
 from __future__ import annotations
@@ -33,6 +44,16 @@ from bodyage.simulate.tissue import tissue_of
 Array = npt.NDArray[np.float64]
 
 FF_LIMITS = (0.002, 0.98)
+#: range of a texture effect's heterogeneity (log-scale SD of the fat fraction inside the region)
+TEXTURE_LIMITS = (0.0, 0.8)
+#: range of a shape effect's stretch
+SHAPE_LIMITS = (0.5, 2.0)
+#: size of the fixed sample :func:`nuisance_sd` measures the planted ageing variance on
+NUISANCE_SAMPLE = 20_000
+#: the parameters nuisance varies, in the order of the last axis of ``SubjectDraws.nuisance``
+NUISANCE_CHANNELS = ("fat_fraction", "water_signal", "volume", "texture", "shape")
+#: heterogeneity of a texture region at the scenario's youngest age
+TEXTURE_BASE_CV = 0.2
 FACTOR_LIMITS = (0.2, 5.0)
 WATER_LIMITS = (0.05, 3.0)
 
@@ -47,6 +68,7 @@ class SubjectDraws:
     phenotypes: dict[str, Array]
     shared_deviation: Array
     region_deviation: Array
+    nuisance: Array | None = None
 
 
 def draw_subjects(scenario: Scenario, n: int, regions: Sequence[str], rng: np.random.Generator) -> SubjectDraws:
@@ -66,7 +88,13 @@ def draw_subjects(scenario: Scenario, n: int, regions: Sequence[str], rng: np.ra
         if scenario.region_age_sd > 0
         else np.zeros((n, len(regions)))
     )
-    return SubjectDraws(age, sex, site, phenotypes, shared, per_region)
+    nuis = scenario.nuisance
+    z = (
+        rng.standard_normal((n, len(regions), len(NUISANCE_CHANNELS)))
+        if max(nuis.fat_fraction_sd, nuis.water_signal_sd, nuis.volume_sd, nuis.texture_sd, nuis.shape_sd) > 0
+        else None
+    )
+    return SubjectDraws(age, sex, site, phenotypes, shared, per_region, z)
 
 
 def phenotype_z(scenario: Scenario, phenotypes: dict[str, Array]) -> dict[str, Array]:
@@ -116,6 +144,16 @@ class PlantedParameters:
     fat_fraction: Array
     water_signal: Array
     volume_factor: Array
+    texture: Array | None = None
+    shape: Array | None = None
+
+    def texture_cv(self) -> Array:
+        """Within-region coefficient of variation of the fat fraction (0 where no texture effect)."""
+        return self.texture if self.texture is not None else np.zeros_like(self.fat_fraction)
+
+    def shape_stretch(self) -> Array:
+        """Stretch along the shape effect's axis (1 where no shape effect)."""
+        return self.shape if self.shape is not None else np.ones_like(self.fat_fraction)
 
 
 def planted_parameters(
@@ -123,13 +161,23 @@ def planted_parameters(
     bio_age: Array,
     phenotypes: dict[str, Array],
     regions: Sequence[str],
+    nuisance: Array | None = None,
 ) -> PlantedParameters:
-    """Fat fraction, water-signal factor and volume factor of every region (n × regions)."""
+    """Fat fraction, water-signal factor, volume factor, texture and shape of every region (n × regions).
+
+    Parameters
+    ----------
+    nuisance
+        Age-independent deviations (n × regions × 3, scaled: :func:`scaled_nuisance`) in
+        the order of :data:`NUISANCE_CHANNELS`; ``None``: none.
+    """
     n = bio_age.shape[0]
     col = {r: j for j, r in enumerate(regions)}
     ff = np.tile(np.array([tissue_of(r).ff for r in regions], dtype=float), (n, 1))
     water = np.ones((n, len(regions)))
     volume = np.ones((n, len(regions)))
+    texture = np.zeros((n, len(regions)))
+    shape = np.ones((n, len(regions)))
     years = bio_age - scenario.age.min
     for a in scenario.ageing:
         j = col[a.region]
@@ -137,8 +185,12 @@ def planted_parameters(
             ff[:, j] += a.per_year * years[:, j]
         elif a.effect == "water_signal":
             water[:, j] *= 1.0 + a.per_year * years[:, j]
-        else:
+        elif a.effect == "volume":
             volume[:, j] *= 1.0 + a.per_year * years[:, j]
+        elif a.effect == "texture":
+            texture[:, j] = TEXTURE_BASE_CV + a.per_year * years[:, j]
+        else:
+            shape[:, j] = 1.0 + a.per_year * years[:, j]
     delta = phenotype_delta(scenario, phenotypes)
     for p in scenario.phenotypes:
         for region, effects in p.anatomy.items():
@@ -152,11 +204,70 @@ def planted_parameters(
                     water[:, j] *= 1.0 + amount * delta[p.name]
                 else:
                     volume[:, j] *= 1.0 + amount * delta[p.name]
+    ff = np.clip(ff, *FF_LIMITS)
+    water = np.clip(water, *WATER_LIMITS)
+    volume = np.clip(volume, *FACTOR_LIMITS)
+    shape = np.clip(shape, *SHAPE_LIMITS)
+    if nuisance is not None:
+        logit = np.log(ff / (1.0 - ff)) + nuisance[..., 0]
+        ff = 1.0 / (1.0 + np.exp(-logit))
+        water = water * np.exp(nuisance[..., 1])
+        volume = volume * np.exp(nuisance[..., 2])
+        for a in scenario.ageing:
+            j = col[a.region]
+            if a.effect == "texture":
+                texture[:, j] += nuisance[:, j, 3]
+            elif a.effect == "shape":
+                shape[:, j] *= np.exp(nuisance[:, j, 4])
     return PlantedParameters(
         fat_fraction=np.clip(ff, *FF_LIMITS),
         water_signal=np.clip(water, *WATER_LIMITS),
         volume_factor=np.clip(volume, *FACTOR_LIMITS),
+        texture=np.clip(texture, *TEXTURE_LIMITS),
+        shape=np.clip(shape, *SHAPE_LIMITS),
     )
+
+
+def nuisance_sd(scenario: Scenario, regions: Sequence[str]) -> Array:
+    """SD of each region's age-independent deviations (regions × 3, :data:`NUISANCE_CHANNELS` order).
+
+    The scenario's ``nuisance`` values are total between-subject SDs (logit fat fraction,
+    log water signal, log volume factor, texture heterogeneity, log shape stretch). What
+    planted ageing and phenotype accelerations already contribute (measured on a fixed
+    sample of :data:`NUISANCE_SAMPLE` subjects) is subtracted in variance, so every region
+    varies by the same amount whether it ages or not. Where ageing alone exceeds the
+    total, the age-independent SD is 0.
+    """
+    nuis = scenario.nuisance
+    total = np.array(
+        [nuis.fat_fraction_sd, nuis.water_signal_sd, nuis.volume_sd, nuis.texture_sd, nuis.shape_sd], dtype=float
+    )
+    if not total.any():
+        return np.zeros((len(regions), len(NUISANCE_CHANNELS)))
+    rng = np.random.default_rng(np.random.SeedSequence([scenario.seed, 0x9E15]))
+    draws = draw_subjects(scenario, NUISANCE_SAMPLE, regions, rng)
+    bio = biological_ages(scenario, draws.age, draws, regions)
+    p = planted_parameters(scenario, bio, draws.phenotypes, regions)
+    ff = p.fat_fraction
+    ageing_sd = np.stack(
+        [
+            np.log(ff / (1.0 - ff)).std(axis=0),
+            np.log(p.water_signal).std(axis=0),
+            np.log(p.volume_factor).std(axis=0),
+            p.texture_cv().std(axis=0),
+            np.log(p.shape_stretch()).std(axis=0),
+        ],
+        axis=1,
+    )
+    return np.asarray(np.sqrt(np.clip(total[None, :] ** 2 - ageing_sd**2, 0.0, None)), dtype=float)
+
+
+def scaled_nuisance(draws: SubjectDraws, sd: Array, rows: npt.NDArray[np.int64] | None = None) -> Array | None:
+    """The subjects' age-independent deviations (n × regions × 3): standard draws times :func:`nuisance_sd`."""
+    if draws.nuisance is None:
+        return None
+    z = draws.nuisance if rows is None else draws.nuisance[rows]
+    return np.asarray(z * sd[None, :, :], dtype=float)
 
 
 def planted_features(scenario: Scenario, params: PlantedParameters, regions: Sequence[str]) -> tuple[Array, list[str]]:
@@ -178,6 +289,8 @@ def planted_features(scenario: Scenario, params: PlantedParameters, regions: Seq
             "fat_fraction": params.fat_fraction,
             "water_signal": params.water_signal,
             "volume": params.volume_factor,
+            "texture": params.texture_cv(),
+            "shape": params.shape_stretch(),
         }
         cols.append(source[a.effect][:, j])
         names.append(a.region)

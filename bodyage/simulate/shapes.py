@@ -173,3 +173,34 @@ class Difference(Shape):
 
     def inside(self, x: Array, y: Array, z: Array) -> Mask:
         return np.asarray(self.outer.inside(x, y, z) & ~self.inner.inside(x, y, z))
+
+
+@dataclass(frozen=True)
+class Stretched(Shape):
+    """``shape`` stretched by ``factor`` along body axis ``axis`` about ``center``, at constant volume.
+
+    The other two axes shrink by ``sqrt(factor)``. The map is diagonal, so a rectilinear
+    query grid maps back to a rectilinear grid of the original shape.
+    """
+
+    shape: Shape
+    center: tuple[float, float, float]
+    axis: int
+    factor: float
+
+    def _scales(self) -> Array:
+        s = np.full(3, self.factor**-0.5)
+        s[self.axis] = self.factor
+        return s
+
+    def bbox(self) -> tuple[Array, Array]:
+        lo, hi = self.shape.bbox()
+        c = np.asarray(self.center, dtype=float)
+        s = self._scales()
+        a, b = c + (lo - c) * s, c + (hi - c) * s
+        return np.minimum(a, b), np.maximum(a, b)
+
+    def inside(self, x: Array, y: Array, z: Array) -> Mask:
+        c = self.center
+        s = self._scales()
+        return self.shape.inside(c[0] + (x - c[0]) / s[0], c[1] + (y - c[1]) / s[1], c[2] + (z - c[2]) / s[2])
