@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from analysis._typing import MixedEngine
 from analysis.clock_recovery import CLOCK_RECOVERY_FILE, TRUTH_TABLE, clock_recovery
 from analysis.design import DEFAULT_GROUP, covariate_list, exclusions_of
 from analysis.figures import _figure, save
-from analysis.latex import Column, LatexTable
+from analysis.latex import Column, LatexTable, render
 from analysis.notes import summarise_warnings
 from analysis.organ_stats import (
     CLOCKS_FILE,
@@ -54,8 +54,8 @@ from bodyage.progress import NO_PROGRESS, Progress
 
 #: figures of a clocks folder's stats
 CORRELATION_FIGURE = "clock_correlations"
-#: rows the LaTeX organ table shows in full; above, the significant rows only
-MAX_ORGAN_ROWS = 48
+#: most rows of one LaTeX float: a longer organ table is split between phenotypes into parts
+MAX_ORGAN_ROWS = 30
 #: marker of an uninformative clock in tables and figures
 UNINFORMATIVE_MARK = " (uninformative)"
 
@@ -102,6 +102,11 @@ class OrganStatsResult:
 
 def _f(v: Any) -> str:
     return "n/a" if v is None or not np.isfinite(float(v)) else f"{float(v):.2f}"
+
+
+def _range(values: pd.Series) -> str:
+    lo, hi = int(values.min()), int(values.max())
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 def clocks_frame(tab: ClockTables) -> pd.DataFrame:
@@ -173,14 +178,6 @@ def organ_table(models: pd.DataFrame, alpha: float, excluded: Mapping[str, str])
     clock_order = {c: i for i, c in enumerate(dict.fromkeys(models["clock"]))}
     view = view.assign(_p=view["phenotype"].map(order), _c=view["clock"].map(clock_order))
     view = view.sort_values(["_p", "_c"], kind="mergesort").reset_index(drop=True)
-    selection = ""
-    if len(view) > MAX_ORGAN_ROWS:
-        sig = view[(view["q_c"] < alpha) | (view["q_k"] < alpha)]
-        selection = (
-            f"{len(sig)} of {len(view)} clock-phenotype rows are significant in either gap at FDR {alpha:g} and are "
-            "shown; all rows are in organ_gap_models.csv."
-        )
-        view = sig.head(MAX_ORGAN_ROWS)
     view["block"] = view["phenotype"] + " (" + view["per"].astype(str) + ")"
     first = models.iloc[0]
     mixed = bool(first["random_effect"])
@@ -202,6 +199,7 @@ def organ_table(models: pd.DataFrame, alpha: float, excluded: Mapping[str, str])
         "gap (the residual on the mean of the informative clocks' gaps, fitted out of fold): what the organ adds "
         "beyond the body's shared ageing. Estimates per unit of the phenotype or carriers vs non-carriers (1 vs 0).",
         *(f"Tests: {t.rstrip('.')}." for t in df_notes),
+        f"Scans per model: {_range(models['n'])} (all counts in organ_gap_models.csv).",
         "q: Benjamini--Hochberg over the "
         + " and ".join(f"{n} clock-phenotype tests of the {g} gap" for g, n in n_tests.items())
         + f" (one family per gap), significant at {alpha:g}.",
@@ -213,15 +211,12 @@ def organ_table(models: pd.DataFrame, alpha: float, excluded: Mapping[str, str])
             + "; ".join(f"{c} ({why})" for c, why in excluded.items())
             + "."
         )
-    if selection:
-        notes.append(selection)
     if warned:
         notes.append(warned)
     group_c, group_k = "Corrected gap", "Conditioned gap"
     table = LatexTable(
         columns=(
             Column("Clock", "name", "text"),
-            Column("n", "n", "int"),
             Column("Estimate", "estimate_c", digits=2, group=group_c),
             Column("95% CI", "ci_low_c", "ci", digits=2, high="ci_high_c", group=group_c),
             Column("q", "q_c", "p", stars="q_c", group=group_c),
@@ -235,6 +230,42 @@ def organ_table(models: pd.DataFrame, alpha: float, excluded: Mapping[str, str])
         section="block",
     )
     return view, table
+
+
+def organ_parts(view: pd.DataFrame) -> list[pd.DataFrame]:
+    """Split the rows of :func:`organ_table` between phenotypes into parts of at most :data:`MAX_ORGAN_ROWS`.
+
+    A phenotype's rows stay together (a phenotype with more clocks than that is a part alone).
+    """
+    parts: list[pd.DataFrame] = []
+    current: list[pd.DataFrame] = []
+    size = 0
+    for _, block in view.groupby("block", sort=False):
+        if current and size + len(block) > MAX_ORGAN_ROWS:
+            parts.append(pd.concat(current))
+            current, size = [], 0
+        current.append(block)
+        size += len(block)
+    if current or not parts:
+        parts.append(pd.concat(current) if current else view)
+    return parts
+
+
+def write_organ_tex(view: pd.DataFrame, table: LatexTable, path: Path) -> Path:
+    """Write the organ table as one float per part (:func:`organ_parts`); later parts say they continue it."""
+    from bodyage.atomic import write_text
+
+    parts = organ_parts(view)
+    texts = [render(parts[0], table)]
+    for i, part in enumerate(parts[1:], start=2):
+        cont = replace(
+            table,
+            caption=f"{table.caption}, continued ({i} of {len(parts)})",
+            label=f"{table.label}-{i}",
+            notes=("Notes as in the first part of the table.",),
+        )
+        texts.append(render(part, cont))
+    return write_text(path, "".join(texts))
 
 
 def correlation_matrix(corr: pd.DataFrame) -> pd.DataFrame:
@@ -385,7 +416,7 @@ def run_organ_stats(
             warnings.warn(str(w.message), w.category, stacklevel=2)
         written += write_frame(models, stats_dir, "organ_gap_models")
         view, spec = organ_table(models, alpha, excluded)
-        written.append(write_tex(view, stats_dir, "organ_gap_models", spec))
+        written.append(write_organ_tex(view, spec, stats_dir / "organ_gap_models.tex"))
     corr = clock_correlations(tab)
     written += write_frame(corr, stats_dir, "clock_correlations")
     view, spec = correlation_table(corr)

@@ -337,8 +337,22 @@ def test_outputs_and_latex_conventions(clocks_dir: Path, tmp_path: Path) -> None
 def test_organ_tables_and_report_compile(clocks_dir: Path, tmp_path: Path) -> None:
     work = tmp_path / "clocks"
     shutil.copytree(clocks_dir, work)
-    (work / "whole_body" / "run.json").write_text(json.dumps({"study": str(clocks_dir.parent / "study")}))
+    # twelve clocks x four phenotypes: 48 rows, more than one float holds
+    ages = pd.read_parquet(work / "organ_ages.parquet")
+    record = json.loads((work / "clocks.json").read_text())
+    liver = ages[ages["clock"] == "liver"]
+    rng = np.random.default_rng(0)
+    copies = []
+    for k in range(8):
+        name = f"intervertebral_discs_{k}"
+        copies.append(
+            liver.assign(clock=name, age_gap_corrected=liver["age_gap_corrected"] + rng.normal(0, 3, len(liver)))
+        )
+        record["clocks"][name] = {**record["clocks"]["liver"], "regions": ["liver"]}
+    pd.concat([ages, *copies]).to_parquet(work / "organ_ages.parquet", index=False)
+    (work / "clocks.json").write_text(json.dumps(record))
     run_organ_stats(work)
+    assert (work / "stats" / "organ_gap_models.tex").read_text().count(r"\begin{table}") == 2
     tables = sorted((work / "stats").glob("*.tex"))
     doc = tmp_path / "tables.tex"
     body = "\n".join(rf"\input{{{p.as_posix()}}}\clearpage" for p in tables)
@@ -358,6 +372,7 @@ def test_organ_tables_and_report_compile(clocks_dir: Path, tmp_path: Path) -> No
     assert done.returncode == 0, log[-3000:]
     overfull = [float(w) for w in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", log)]
     assert not [w for w in overfull if w > 5.0], overfull
+    assert "Float too large" not in log
     rep = write_organ_report(work, tmp_path / "report", pdf=True)
     assert rep.pdf is not None and rep.pdf.stat().st_size > 1000
     assert not rep.missing
