@@ -23,8 +23,10 @@ of a subject and ``d_r`` the region's own deviation (:mod:`bodyage.simulate.plan
     ``anatomy_clocks`` (regions with a planted ``anatomy`` effect: not ageing, but it moves
     a clock that reads those regions), ``significant_clocks`` and
     ``significant_clocks_conditioned`` (FDR ``alpha``, :func:`analysis.organ_stats.organ_gap_models`),
-    ``false_positives`` (significant, neither planted nor anatomy) and ``missed``
-    (planted, tested, not significant).
+    ``false_positives`` (significant, neither planted nor anatomy; ``_conditioned`` for the
+    conditioned gap, where an organ the phenotype does not age can show an effect of the
+    opposite sign, taken from the overall gap it was conditioned on) and ``missed``
+    (planted, tested, not significant in the corrected gap).
 """
 
 from __future__ import annotations
@@ -256,6 +258,9 @@ def _phenotypes(
             "significant_clocks_conditioned": sig["conditioned"],
             "false_positives": [
                 c for c in sig["corrected"] if c not in planted and c not in anat and c != WHOLE_BODY_CLOCK
+            ],
+            "false_positives_conditioned": [
+                c for c in sig["conditioned"] if c not in planted and c not in anat and c != WHOLE_BODY_CLOCK
             ],
             "missed": [c for c in planted if c in tested and c not in sig["corrected"]],
         }

@@ -266,6 +266,9 @@ def test_recovery_on_a_constructed_truth_gives_the_known_answers(tmp_path: Path)
     assert "liver" in rec["phenotypes"]["diabetes"]["significant_clocks"]
     assert rec["phenotypes"]["smoking"]["planted_clocks"] == []
     assert rec["phenotypes"]["activity"]["missed"] == []
+    assert rec["phenotypes"]["diabetes"]["false_positives"] == []  # gluteal is not significant for diabetes
+    # conditioned on an overall gap of two clocks, gluteal mirrors liver: named, not hidden
+    assert rec["phenotypes"]["diabetes"]["false_positives_conditioned"] == ["gluteal"]
     assert rec["phenotypes"]["bmi"]["anatomy_regions"] == ["subcutaneous_fat"]
 
 
