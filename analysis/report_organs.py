@@ -29,7 +29,16 @@ from analysis.organ_outputs import CORRELATION_FIGURE
 from analysis.organ_stats import CLOCKS_FILE, ORGAN_AGES_FILE, ClockTables, load_clocks, organ_gap_models
 from analysis.recovery import TRUTH_FILE
 from analysis.regionmodels import ALPHA
-from analysis.report import PREAMBLE, REPORT_RECORD, REPORT_TEX, SUMMARY_MD, compile_pdf, default_out
+from analysis.report import (
+    PREAMBLE,
+    REPORT_RECORD,
+    REPORT_TEX,
+    SUMMARY_MD,
+    _previous_outputs,
+    _remove_previous,
+    compile_pdf,
+    default_out,
+)
 from analysis.run import FIGURES_DIR, STATS_DIR
 from analysis.stats_record import read_stats_record
 from bodyage.errors import InputError
@@ -126,6 +135,7 @@ def write_organ_report(
         {"clocks": str(root), "out": str(out_dir), "alpha": alpha, "pdf": pdf},
         inputs={"organ_ages": root / ORGAN_AGES_FILE, "clocks": root / CLOCKS_FILE},
     )
+    previous = _previous_outputs(out_dir)
     written: list[Path] = []
     missing: list[str] = []
     current = stats_current(tab)
@@ -173,6 +183,7 @@ def write_organ_report(
     if pdf_path is not None:
         written.append(pdf_path)
     rel = sorted(str(p.relative_to(out_dir)) for p in written)
+    _remove_previous(out_dir, previous, set(rel) | {REPORT_RECORD})
     record_path = write_record(out_dir / REPORT_RECORD, finish_run_record(record, outputs=rel, missing=missing))
     written.append(record_path)
     return OrganReportResult(
@@ -318,7 +329,11 @@ def _summary(root: Path, tab: ClockTables, rec: Mapping[str, Any] | None, missin
             f"| {c} | {', '.join(tab.regions(c)) or '(whole body)'} | {_f(e.get('mae'))} | {_f(e.get('pearson_r'))} "
             f"| {'yes' if tab.informative(c) else 'no'} |"
         )
-    lines.append("")
+    lines += [
+        "",
+        f"Each clock is a run folder: `bodyage report {root}/<clock>` reports one alone (e.g. whole_body).",
+        "",
+    ]
     if rec is not None:
         lines += ["## Recovery of the planted organ ageing", ""]
         lines += ["| clock | planted | r planted | r specific | goal met |", "|---|---|---|---|---|"]

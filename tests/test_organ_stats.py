@@ -418,3 +418,20 @@ def test_a_folder_of_uninformative_clocks_writes_tables_but_tests_nothing(tmp_pa
     assert "nothing tested" in "\n".join(res.summary())
     rec = json.loads((clocks / "clock_recovery.json").read_text())
     assert rec["clocks"]["spleen"]["goal_met"] and rec["phenotypes"] == {}
+
+
+def test_report_leaves_out_stale_organ_tables(clocks_dir: Path, tmp_path: Path) -> None:
+    work = tmp_path / "clocks"
+    shutil.copytree(clocks_dir, work)
+    run_organ_stats(work, figures=False)
+    out = tmp_path / "rep"
+    first = write_organ_report(work, out)
+    assert not first.missing and (out / "stats" / "organ_gap_models.tex").is_file()
+    ages = pd.read_parquet(work / "organ_ages.parquet")
+    ages.loc[0, "age_gap_corrected"] += 1.0  # clocks rerun: the stats no longer describe the folder
+    ages.to_parquet(work / "organ_ages.parquet", index=False)
+    again = write_organ_report(work, out)
+    assert any("run `bodyage stats" in m and "again" in m for m in again.missing)
+    assert not (out / "stats" / "organ_gap_models.tex").exists()
+    assert r"\input{stats/" not in (out / "report.tex").read_text()
+    assert json.loads((work / "clock_recovery.json").read_text())["source"].startswith("fitted by report")
