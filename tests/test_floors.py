@@ -362,3 +362,50 @@ def test_recovery_tex_shows_floors_and_nulls_beside_precision() -> None:
     assert "0.75 & floors: max 0.62 univariate screen; permuted-label null 0.50 [0.38, 0.62] &" in tex.replace(
         "{[}", "["
     ).replace("{]}", "]")
+
+
+def test_attribution_recovery_carries_the_same_floors_and_nulls(tiny_study: Path, tmp_path: Path) -> None:
+    from bodyage.attribute import recovery_summary
+
+    truth = json.loads((tiny_study / "truth.json").read_text())
+    truth["scenario"]["phenotypes"] = {}
+    truth["phenotype_regions"] = {}
+    run = _tiny_run(tiny_study, tmp_path)
+    attr = pd.read_parquet(run / "attributions.parquet")
+    scans = attr[["subject_id", "visit"]].drop_duplicates()
+    # a null whose |mass| reverses the trained ranking: every region with a positive id clears it
+    null = attr.assign(mass=lambda d: d["mass"].max() - d["mass"] - 1.0, null="permuted_labels", copy=0)
+    null.to_parquet(run / "attributions_null.parquet", index=False)
+    got = recovery_summary(attr, tiny_study, ["ablation"], run=run)["methods"]["ablation"]
+    want = recovery(run, truth)["methods"]["ablation"]
+    for key in ("precision_at_k", "floors", "floor_max", "floor_max_by", "beats_floors_by", "clears_nulls"):
+        assert got[key] == want[key], key
+    assert got["nulls"]["permuted_labels"]["n_copies"] == 1 and len(scans) == want["floors_n_scans"]
+    top = attr.groupby("region")["mass"].mean()
+    null_imp = null.groupby("region")["mass"].apply(lambda s: s.abs().mean())
+    assert set(got["clears_nulls"]) == {r for r in top.index if top[r] > null_imp[r]}
+
+
+def test_precision_goals_are_margins_over_floors_and_the_permuted_null() -> None:
+    from analysis.recovery import evaluate_goals
+
+    def methods(abl: float, floor: float, null: float) -> dict[str, object]:
+        nulls = {"permuted_labels": {"precision_at_k": null, "ci_low": null, "ci_high": null, "n_copies": 1}}
+        return {
+            "ablation": {"precision_at_k": abl, "floor_max": floor, "nulls": nulls},
+            "gradcam": {"precision_at_k": 1.0, "floor_max": floor, "nulls": nulls},  # no goal for gradcam
+        }
+
+    goals = evaluate_goals({"mae_ratio": 1.5, "methods": methods(0.875, 0.625, 0.5), "phenotypes": {}})
+    assert goals["mae_ratio"]["met"] is True
+    assert goals["region_method_beats_floors"] == {
+        "goal": "best region-level method: precision@k >= largest model-free floor + 0.25",
+        "value": pytest.approx(0.25),
+        "met": True,
+        "method": "ablation",
+    }
+    assert goals["region_method_beats_permuted_null"]["met"] is True
+    goals = evaluate_goals({"mae_ratio": 1.6, "methods": methods(0.75, 0.625, 0.625), "phenotypes": {}})
+    assert goals["mae_ratio"]["met"] is False
+    assert goals["region_method_beats_floors"]["met"] is False
+    assert goals["region_method_beats_permuted_null"]["value"] == pytest.approx(0.125)
