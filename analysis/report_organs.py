@@ -250,7 +250,7 @@ def recovery_latex(rec: Mapping[str, Any]) -> str:
             r"\footnotesize",
             r"\caption{Clocks with a significant phenotype effect against the planted ones}",
             r"\label{tab:bodyage:clock-recovery-phenotypes}",
-            r"\begin{tabular}{l p{0.2\linewidth} p{0.2\linewidth} p{0.2\linewidth} p{0.15\linewidth}}",
+            r"\begin{tabular}{l" + r" >{\raggedright\arraybackslash}p{0.19\linewidth}" * 4 + "}",
             r"\toprule",
             r"Phenotype & Planted (accelerates) & Significant, corrected & Significant, conditioned & Anatomy \\",
             r"\midrule",
