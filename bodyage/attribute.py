@@ -7,12 +7,18 @@ writes, in ``RUN/``:
 
 - ``attributions.parquet``: one row per scan × method × region (DESIGN.md §3): ``fold``,
   ``n_voxels``, ``volume_ml`` (on the model grid), ``mass``, ``abs_mass``, ``share``,
-  ``density``, ``enrichment``; every value NaN where the region is absent from the scan.
-  For ``ablation`` and ``shapley`` ``mass`` is the change in predicted age in years; for
-  voxel methods it is the summed map (years × voxels). ``share`` and ``enrichment`` are
-  relative to the segmented body (labels > 0);
+  ``density``, ``enrichment``, ``abs_density``; every value NaN where the region is absent
+  from the scan. For ``ablation`` and ``shapley`` ``mass`` is the change in predicted age
+  in years; for voxel methods it is the summed map (years × voxels) and ``abs_mass`` the
+  size-weighted total of ``|map|``, while ``abs_density`` (abs_mass / n_voxels) is the
+  intensive mean ``|map|`` per voxel. ``share`` and ``enrichment`` are relative to the
+  segmented body (labels > 0);
 - ``attributions_groups.parquet`` (``groups=True``): the same at the level of
-  :data:`bodyage.regions.REGION_GROUPS` (members' masses and voxels summed);
+  :data:`bodyage.regions.REGION_GROUPS` (members' masses and voxels summed; ``ablation``
+  of a multi-member group is a joint ablation of its members, :mod:`bodyage.attribute_groups`);
+- ``attribution_stability.csv``: per method and region the importance over the fold
+  models (mean, min–max, t-interval; :mod:`bodyage.attribute_stability`), whose rank
+  stability (Kendall's W, top-k Jaccard) goes into ``attribution_recovery.json``;
 - ``slice_profiles.parquet``: per scan and voxel method, attribution ``mass`` and
   ``abs_mass`` per axial slice, ``z_mm`` from the top of the field of view;
 - ``attribution_recovery.json``: per method its ``importance_measure`` and, on a
@@ -103,6 +109,7 @@ ATTRIBUTION_COLUMNS: tuple[str, ...] = (
     "share",
     "density",
     "enrichment",
+    "abs_density",
 )
 SLICE_COLUMNS: tuple[str, ...] = ("subject_id", "visit", "fold", "method", "z_index", "z_mm", "mass", "abs_mass")
 FAILURE_COLUMNS: tuple[str, ...] = ("scan_id", "stage", "reason")
@@ -676,12 +683,26 @@ def attribute_run(
     write_with(run / SLICE_PROFILES, partial(slices.to_parquet, index=False))
     if cfg.groups:
         grouped = group_table(attributions)
+        if "ablation" in cfg.methods:
+            from bodyage.attribute_groups import joint_ablation, with_joint
+
+            joint = joint_ablation(
+                inputs, todo, cfg, fingerprint=fps["ablation"], n_labels=n_labels, device=dev, means=means
+            )
+            grouped = with_joint(grouped, joint, ATTRIBUTION_COLUMNS)
         write_with(run / GROUP_ATTRIBUTIONS, partial(grouped.to_parquet, index=False))
     _write_failures(run, failures)
 
     recovery = recovery_summary(attributions, inputs.study.root, cfg.methods, run=run)
     recovery["layer"] = layer
     recovery["checks"] = checks
+    from bodyage.attribute_stability import STABILITY, stability_tables
+
+    ks = {m: int(e["k"]) for m, e in recovery["methods"].items() if isinstance(e.get("k"), int) and e["k"] > 0}
+    stab_table, stab = stability_tables(attributions, recovery["importance_measure"], ks)
+    write_with(run / STABILITY, partial(stab_table.to_csv, index=False))
+    for m, summary in stab.items():
+        recovery["methods"][m]["stability"] = summary
     write_json(run / RECOVERY, recovery)
 
     sanity_result = None
@@ -775,6 +796,8 @@ def merge_parts(
     if "efficiency_error" in attributions.columns:
         err = attributions.groupby(["subject_id", "visit"])["efficiency_error"].first().abs()
         checks["shapley_efficiency_max_abs_error_years"] = float(err.max())
+    if "abs_density" not in attributions.columns:  # parts written before the column existed
+        attributions["abs_density"] = attributions["abs_mass"] / attributions["n_voxels"]
     attributions = attributions[list(ATTRIBUTION_COLUMNS)]
     attributions = attributions.sort_values(["method", "subject_id", "visit"], kind="mergesort").reset_index(drop=True)
     slices = pd.concat(sl, ignore_index=True) if sl else pd.DataFrame(columns=list(SLICE_COLUMNS))
@@ -785,8 +808,9 @@ def group_table(attributions: pd.DataFrame) -> pd.DataFrame:
     """Aggregate the long table to region groups (:func:`bodyage.regions.group_of`).
 
     Masses, absolute masses, voxels and volumes of the members are summed (for region
-    methods the sum of the members' values, not a joint ablation); share, density and
-    enrichment are recomputed. A group is NaN in a scan where all its members are absent.
+    methods the sum of the members' values; ``attribute_run`` replaces ablation's by a
+    joint ablation, :mod:`bodyage.attribute_groups`); share, density, enrichment and
+    abs_density are recomputed. A group is NaN in a scan where all its members are absent.
     """
     from bodyage.regions import group_of
 
@@ -800,6 +824,7 @@ def group_table(attributions: pd.DataFrame) -> pd.DataFrame:
     summed["share"] = summed["abs_mass"] / body_abs
     summed["density"] = summed["mass"] / summed["n_voxels"]
     summed["enrichment"] = summed["share"] / (summed["n_voxels"] / body_vox)
+    summed["abs_density"] = summed["abs_mass"] / summed["n_voxels"]
     return summed[list(ATTRIBUTION_COLUMNS)]
 
 

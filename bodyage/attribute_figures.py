@@ -2,7 +2,9 @@
 
 Cohort figures (``RUN/figures/``, PDF and PNG):
 
-- ``attribution_regions_<method>``: mean region importance with a 95% CI, regions sorted,
+- ``attribution_regions_<method>``: region importance, the mean over the fold models
+  (each explains its own test scans) with the min–max over folds as the interval (the
+  model's variance, which dominates; not per-scan standard errors), regions sorted,
   coloured by kind (organ, muscle, fat, bone, vessel, ...);
 - ``attribution_slices_<method>``: mean attribution mass per axial slice along the body
   with a 95% band, the youngest and oldest age tertiles overlaid, and the z-extent of
@@ -91,27 +93,52 @@ def _importance_values(attributions: pd.DataFrame, method: str, measure: str) ->
 def region_figure(
     attributions: pd.DataFrame, method: str, measure: str, folder: Path, *, baseline: str | None = None
 ) -> list[Path]:
-    """Mean region importance with 95% CI, sorted, coloured by region kind (region methods name their baseline)."""
+    """Region importance over the fold models (mean, min–max whiskers), sorted, coloured by kind.
+
+    Each fold model explains its own test scans, so the whiskers show how much a re-trained
+    model moves a region (:mod:`bodyage.attribute_stability`); with one fold there are none.
+    Region methods name their baseline.
+    """
+    from bodyage.attribute_stability import fold_stability
     from bodyage.regions import region_kind
 
     plt = _plt()
-    g = _importance_values(attributions, method, measure)
-    stats = pd.DataFrame({"mean": g.mean(), "se": g.std(ddof=1) / np.sqrt(g.count())}).dropna(subset=["mean"])
-    stats = stats.sort_values("mean")
+    table, summary = fold_stability(attributions, method, measure)
+    stats = table.set_index("region").sort_values("importance")
+    n_folds = int(summary["n_folds"])
     fig, ax = plt.subplots(figsize=(6.0, max(3.0, 0.16 * len(stats) + 1.0)))
     colours = [KIND_COLOURS.get(region_kind(str(r)), "#666666") for r in stats.index]
-    ax.barh(np.arange(len(stats)), stats["mean"], xerr=1.96 * stats["se"].fillna(0), color=colours, ecolor="#333333")
+    err = None
+    if n_folds > 1:
+        lo = (stats["importance"] - stats["fold_min"]).clip(lower=0).fillna(0)
+        hi = (stats["fold_max"] - stats["importance"]).clip(lower=0).fillna(0)
+        err = np.vstack([lo.to_numpy(), hi.to_numpy()])
+    ax.barh(np.arange(len(stats)), stats["importance"], xerr=err, color=colours, ecolor="#333333")
     ax.set_yticks(np.arange(len(stats)), [str(r).replace("_", " ") for r in stats.index], fontsize=6.5)
-    label = "mean |mass| (years)" if METHODS[method].level == "region" else f"mean {measure.replace('_', ' ')}"
-    ax.set_xlabel(label)
+    ax.set_xlabel(measure_label(method, measure))
     what = baseline_label(method, baseline) if baseline and METHODS[method].level == "region" else method
-    ax.set_title(f"{what}: region importance (95% CI)", fontsize=9)
+    interval = f"min–max over {n_folds} fold models" if n_folds > 1 else "one fold model: no interval"
+    ax.set_title(f"{what}: region importance\n(bars: mean over fold models; whiskers: {interval})", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
     ax.legend(handles, list(KIND_COLOURS), fontsize=6, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     out = _save(fig, folder, f"attribution_regions_{method}")
     plt.close(fig)
     return out
+
+
+def measure_label(method: str, measure: str) -> str:
+    """Axis label of a ranking measure; voxel ``|mass|`` is named a size-weighted total."""
+    if METHODS[method].level == "region":
+        return "mean |change in predicted age| (years)" if measure == "abs_mass" else f"mean {measure}"
+    labels = {
+        "abs_mass": "size-weighted total: mean |mass| (years x voxels)",
+        "abs_density": "mean |map| per voxel (years; intensive)",
+        "density": "mean |signed map| per voxel (years)",
+        "share": "share of the body's |map|",
+        "enrichment": "share of |map| / share of volume",
+    }
+    return labels.get(measure, f"mean {measure.replace('_', ' ')}")
 
 
 def region_importance(attributions: pd.DataFrame, method: str, measure: str) -> pd.Series:

@@ -244,9 +244,11 @@ def region_measures(
     Returns
     -------
     dict
-        ``n_voxels``, ``volume_ml``, ``mass``, ``abs_mass``, ``share`` (abs_mass over the
-        sum over the scan's regions), ``density`` (mass / n_voxels), ``enrichment``
-        (share / the region's share of the segmented body's volume); every value NaN
+        ``n_voxels``, ``volume_ml``, ``mass``, ``abs_mass`` (the size-weighted total of
+        ``|map|``), ``share`` (abs_mass over the sum over the scan's regions), ``density``
+        (mass / n_voxels), ``enrichment`` (share / the region's share of the segmented
+        body's volume), ``abs_density`` (abs_mass / n_voxels: mean ``|map|`` per voxel, an
+        intensive quantity that does not grow with the region's size); every value NaN
         where the region is absent (0 voxels).
     """
     count = np.asarray(count, dtype=float)
@@ -265,6 +267,7 @@ def region_measures(
             "share": share,
             "density": mass / count,
             "enrichment": share / (count / body_vox),
+            "abs_density": abs_mass / count,
         }
     for v in out.values():
         v[absent] = np.nan
@@ -529,6 +532,70 @@ def attribute_batch(
     return BatchAttribution(None, values, check)
 
 
+def group_ablation(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    groups: Sequence[Sequence[int]],
+    *,
+    age_sd: float,
+    baseline: str = "shift",
+    cohort_means: torch.Tensor | None = None,
+) -> npt.NDArray[np.float64]:
+    """Joint ablation of region groups: f(x) − f(x with every member at its baseline), years.
+
+    All member regions of a group are replaced by the baseline at once, so a redundant
+    pair (the model reads either side: f = max(left, right)) gets the effect that single
+    ablations, each leaving the other side in place, miss. Baselines as
+    :func:`attribute_batch`'s.
+
+    Parameters
+    ----------
+    model
+        The fold model, in ``eval()`` mode.
+    x
+        ``(B, C, X, Y, Z)`` model input.
+    labels
+        ``(B, X, Y, Z)`` integer label map.
+    groups
+        Per group the label ids of its members.
+    age_sd
+        The fold's age SD (the output unit in years).
+    baseline, cohort_means
+        As for ``ablation``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, G)``; NaN where no member of the group is in the scan.
+
+    Raises
+    ------
+    InputError
+        A model in training mode, or a baseline error.
+    """
+    import torch
+
+    if model.training:
+        raise InputError("attribution needs the model in eval() mode (BatchNorm statistics would mix the batch)")
+    b = x.shape[0]
+    out = np.full((b, len(groups)), np.nan)
+    if not len(groups):
+        return out
+    base = baseline_images(baseline, x, labels, cohort_means)
+    with torch.no_grad():
+        full = _forward(model, x).double().reshape(b).cpu().numpy()
+        for start in range(0, len(groups), PERTURBATIONS_PER_EVAL):
+            chunk = list(range(start, min(start + PERTURBATIONS_PER_EVAL, len(groups))))
+            masks = [torch.isin(labels, torch.as_tensor(list(groups[g]), device=labels.device)) for g in chunk]
+            xs = torch.cat([torch.where(mk[:, None], base, x) for mk in masks])
+            ablated = _forward(model, xs).double().reshape(len(chunk), b).cpu().numpy()
+            for i, g in enumerate(chunk):
+                present = masks[i].reshape(b, -1).any(dim=1).cpu().numpy()
+                out[:, g] = np.where(present, (full - ablated[i]) * float(age_sd), np.nan)
+    return out
+
+
 def scan_values(result: BatchAttribution, labels: torch.Tensor, n_labels: int) -> dict[str, Any]:
     """Per-region sums of a batch result: ``mass``, ``abs_mass``, ``count`` as ``(B, n_labels)`` arrays."""
     if result.maps is not None:
@@ -543,6 +610,39 @@ def scan_values(result: BatchAttribution, labels: torch.Tensor, n_labels: int) -
     )
     vals = np.asarray(result.region_values, dtype=float)
     return {"mass": vals, "abs_mass": np.abs(vals), "count": count.view(b, n_labels).cpu().numpy().astype(float)}
+
+
+def ranking_values(
+    values: Mapping[str, Any], label_ids: npt.NDArray[np.int64], measure: str
+) -> npt.NDArray[np.float64]:
+    """Per scan and region the value a ranking measure averages over scans, ``(B, R)``.
+
+    ``abs_mass`` ranks by ``|mass|`` (the magnitude of the signed sum), ``density`` by
+    ``|density|`` (a strongly negative region matters as much as a positive one); the
+    other measures are the column of :func:`region_measures` itself. NaN where absent.
+
+    Parameters
+    ----------
+    values
+        :func:`scan_values` of a batch (``mass``, ``abs_mass``, ``count``, ``(B, n_labels)``).
+    label_ids
+        The label ids of the regions (columns), background excluded.
+    measure
+        A column of ``attributions.parquet`` used for ranking.
+    """
+    cols = region_measures(
+        np.asarray(values["mass"])[:, label_ids],
+        np.asarray(values["abs_mass"])[:, label_ids],
+        np.asarray(values["count"])[:, label_ids],
+        1.0,
+    )
+    if measure == "abs_mass":
+        return np.abs(cols["mass"])
+    if measure == "density":
+        return np.abs(cols["density"])
+    if measure not in cols:
+        raise InputError(f"unknown importance measure {measure!r}; choose one of {', '.join(cols)}")
+    return cols[measure]
 
 
 def slice_mass(maps: torch.Tensor) -> npt.NDArray[np.float64]:

@@ -42,7 +42,7 @@ def attribute(
     ] = 0,
     sanity: Annotated[
         bool,
-        typer.Option("--sanity", help="Model-randomisation check (cascading from the top) -> sanity.json."),
+        typer.Option("--sanity", help="Calibrated randomisation check (cohort level, 3 random models) -> sanity.json."),
     ] = False,
     sanity_scans: Annotated[int, typer.Option("--sanity-scans", help="Scans in the sanity check's sample.")] = 16,
     groups: Annotated[
@@ -89,4 +89,7 @@ def attribute(
             if entry.get("warning"):
                 warnings.warn(entry["warning"], BodyageWarning, stacklevel=1)
             else:
-                typer.echo(f"sanity {m}: Spearman {entry['final']:.2f} after full randomisation (passed)")
+                typer.echo(
+                    f"sanity {m}: cohort rho(trained, random) {entry['cohort_rho_trained_random']:.2f} below "
+                    f"rho(random, random) min {entry['cohort_rho_random_random_min']:.2f} (passed)"
+                )

@@ -110,7 +110,8 @@ def stats(
             "--captions": captions is not None,
         }
         if wrong := [k for k, v in given.items() if v]:
-            raise InputError(f"{run} is a clocks folder: {', '.join(wrong)} apply to a run folder only")
+            verb = "applies" if len(wrong) == 1 else "apply"
+            raise InputError(f"{run} is a clocks folder: {', '.join(wrong)} {verb} to a run folder only")
         with progress_display() as progress:
             organ = run_organ_stats(
                 run,

@@ -390,7 +390,11 @@ def test_stats_and_report_dispatch_on_a_clocks_folder(clocks_dir: Path, tmp_path
     assert "left out of the tests (uninformative): spleen" in res.output
     assert (work / "stats" / "organ_gap_models.tex").is_file() and (work / "clock_recovery.json").is_file()
     bad = runner.invoke(app, ["stats", str(work), "--method", "ablation"])
-    assert bad.exit_code == 1 and "--method apply to a run folder only" in bad.output
+    assert bad.exit_code == 1 and "--method applies to a run folder only" in bad.output
+    bad = runner.invoke(app, ["report", str(work), "--importance", "gradcam=share"])
+    assert bad.exit_code == 1 and "--importance applies to a run folder only" in bad.output
+    bad = runner.invoke(app, ["stats", str(work.parent / "nowhere"), "--include-uninformative"])
+    assert bad.exit_code == 1 and "--include-uninformative applies to a clocks folder" in bad.output
     res = runner.invoke(app, ["report", str(work), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep" / "report.tex").is_file() and (tmp_path / "rep" / "clock_recovery.tex").is_file()
