@@ -31,8 +31,8 @@ def attribute(
         str,
         typer.Option(
             "--baseline",
-            help="What replaces a region in ablation/shapley: shift (its mean moved to the cohort's region mean, "
-            "texture kept), mean (the cohort-mean tissue value per channel and region), erase (the surrounding "
+            help="What replaces a region in ablation/shapley: shift (the mean-signal ablation: its mean moved to "
+            "the cohort's region mean, texture and shape kept), mean (the cohort-mean tissue value per channel and region), erase (the surrounding "
             "tissue) or blur.",
         ),
     ] = "shift",
