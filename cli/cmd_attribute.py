@@ -32,7 +32,8 @@ def attribute(
         typer.Option(
             "--baseline",
             help="What replaces a region in ablation/shapley: shift (the mean-signal ablation: its mean moved to "
-            "the cohort's region mean, texture and shape kept), mean (the cohort-mean tissue value per channel and region), erase (the surrounding "
+            "the cohort's region mean, texture and shape kept), mean (the cohort-mean tissue value per channel "
+            "and region), erase (the surrounding "
             "tissue) or blur.",
         ),
     ] = "shift",
