@@ -74,6 +74,18 @@ from bodyage.attribution import (
     slice_mass,
 )
 from bodyage.errors import InputError, RunError
+from bodyage.nulls import (
+    NullConfig,
+    Stopwatch,
+    check_nulls,
+    explain_random_copies,
+    null_summary,
+    permuted_model,
+    remove_null_tables,
+    sample_scans,
+    write_null_bands,
+    write_null_table,
+)
 from bodyage.progress import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -202,6 +214,10 @@ class AttributeResult:
     sanity: dict[str, Any] | None = None
     minutes: float = 0.0
     merged: bool = True
+    #: per method and null kind: regions above the null band, of all regions (:func:`bodyage.nulls.null_summary`)
+    nulls: dict[str, Any] | None = None
+    #: wall and CPU seconds of the trained attribution and of each null (``attribute.json``: ``cost``)
+    cost: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def line(self) -> str:
         """One-line summary for the command line."""
@@ -218,6 +234,9 @@ class AttributeResult:
                     f"{m}: precision@{r['k']} {r['precision_at_k']:.3f} ({r['importance_measure']}), "
                     f"Spearman vs ablation {_fmt(r.get('agreement_with_ablation'))}"
                 )
+        for m, by_kind in (self.nulls or {}).items():
+            above = ", ".join(f"{v['above']}/{v['regions']} above the {k} band" for k, v in by_kind.items())
+            parts.append(f"nulls {m}: {above}")
         return "; ".join(parts)
 
 
@@ -514,6 +533,8 @@ def attribute_run(
     cache_dir: str | os.PathLike[str] | None = None,
     sanity: bool = False,
     sanity_scans: int = 16,
+    nulls: NullConfig | None = None,
+    scan_ids: Sequence[str] | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> AttributeResult:
     """Explain every scan of a trained run; write the attribution tables (module docstring).
@@ -532,6 +553,11 @@ def attribute_run(
         Also run the model-randomisation check and write ``sanity.json``.
     sanity_scans
         Scans in the sanity check's sample.
+    nulls
+        Also explain the scans under null models (:mod:`bodyage.nulls`) and write
+        ``attributions_null.parquet`` and ``attribution_nulls.csv``.
+    scan_ids
+        Explain only these scans (the nulls' sample; ``None``: every scan).
     progress
         Progress display.
 
@@ -556,6 +582,8 @@ def attribute_run(
 
     started = time.perf_counter()
     cfg = check_config(config or AttributeConfig())
+    if nulls is not None:
+        check_nulls(nulls)
     world = world_info()
     dev = resolve_device(device, world.local_rank)
     inputs = load_run_inputs(run_dir, cache_dir=cache_dir, progress=progress if world.is_main else NO_PROGRESS)
@@ -570,7 +598,14 @@ def attribute_run(
 
     record = build_run_record(
         "attribute",
-        {"run": run, **asdict(cfg), "device": device, "sanity": sanity, "sanity_scans": sanity_scans},
+        {
+            "run": run,
+            **asdict(cfg),
+            "device": device,
+            "sanity": sanity,
+            "sanity_scans": sanity_scans,
+            "nulls": asdict(nulls) if nulls is not None else None,
+        },
         seed=cfg.seed,
         inputs={"predictions": run / "predictions.parquet"},
         extra={
@@ -594,6 +629,20 @@ def attribute_run(
         else:
             failures.append({"scan_id": sid, "stage": "attribute", "reason": reason})
     todo = cached.iloc[ok_rows].sort_values(["fold", "scan_id"]).reset_index(drop=True)
+    if scan_ids is not None:
+        todo = todo[todo["scan_id"].isin(set(scan_ids))].reset_index(drop=True)
+    null_ids: list[str] = []
+    clock = Stopwatch()  # the cost of the nulls beside the trained attribution's (attribute.json: cost)
+    if nulls is not None:
+        null_ids = sample_scans(list(todo["scan_id"]), nulls.scans, cfg.seed)
+        if nulls.permuted:  # an ordinary run folder, trained and attributed like this run (resumable)
+            with clock.time("permuted_train"):
+                null_run = permuted_model(run, seed=cfg.seed, device=device, cache_dir=cache_dir, progress=progress)
+            null_cfg = AttributeConfig(**{**asdict(cfg), "figures": False, "save_maps": 0, "groups": False})
+            with clock.time("permuted_attribute"):
+                attribute_run(
+                    null_run, null_cfg, device=device, cache_dir=cache_dir, scan_ids=null_ids, progress=progress
+                )
     for m in cfg.methods:
         part_dir(run, m, fps[m]).mkdir(parents=True, exist_ok=True)
     # what a killed run left half-written (only files of processes that no longer run)
@@ -606,6 +655,7 @@ def attribute_run(
 
     mine = todo.iloc[shard(list(range(len(todo))), world)].reset_index(drop=True)
     n_new = n_skipped = 0
+    clock.start()
     with rank_group(world) as barrier:
         bar = progress.task("attribute", len(mine))
         for k in folds:
@@ -660,6 +710,24 @@ def attribute_run(
                 n_new += n_done
                 bar.advance(n_done)
         bar.close()
+        clock.stop("trained_attribute")
+        if nulls is not None and nulls.copies:
+            clock.start()
+            explain_random_copies(
+                inputs,
+                cfg,
+                nulls,
+                mine[mine["scan_id"].isin(set(null_ids))],
+                fps,
+                layer=layer,
+                n_labels=n_labels,
+                ids=ids,
+                names=names,
+                means=means,
+                device=dev,
+                progress=progress,
+            )
+            clock.stop("random_weights")
         barrier()
 
     if not world.is_main:
@@ -692,6 +760,12 @@ def attribute_run(
             grouped = with_joint(grouped, joint, ATTRIBUTION_COLUMNS)
         write_with(run / GROUP_ATTRIBUTIONS, partial(grouped.to_parquet, index=False))
     _write_failures(run, failures)
+    # the null table before the recovery, which reads it; without --nulls no stale one is left
+    null_table = None
+    if nulls is not None:
+        null_table = write_null_table(run, cfg, nulls, fps, null_ids)
+    else:
+        remove_null_tables(run)
 
     recovery = recovery_summary(attributions, inputs.study.root, cfg.methods, run=run)
     recovery["layer"] = layer
@@ -704,6 +778,9 @@ def attribute_run(
     for m, summary in stab.items():
         recovery["methods"][m]["stability"] = summary
     write_json(run / RECOVERY, recovery)
+    null_counts = None
+    if null_table is not None:
+        null_counts = null_summary(write_null_bands(run, attributions, null_table, recovery["importance_measure"]))
 
     sanity_result = None
     if sanity:
@@ -741,6 +818,8 @@ def attribute_run(
             n_failed=n_failed,
             layer=layer,
             checks=checks,
+            cost=clock.seconds,
+            null_scans=len(null_ids),
         ),
     )
     return AttributeResult(
@@ -754,6 +833,8 @@ def attribute_run(
         recovery=recovery,
         sanity=sanity_result,
         minutes=minutes,
+        nulls=null_counts,
+        cost=clock.seconds,
     )
 
 

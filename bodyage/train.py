@@ -93,10 +93,14 @@ class TrainConfig:
     intensity_jitter: float = 0.05
     exclude_qc: tuple[str, ...] = ()
     precision: str = "auto"
+    #: permuted-label null model (:mod:`bodyage.nulls`): subjects' ages shuffled within each fold with this seed
+    permute_ages_seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
+        """JSON-ready form (``permute_ages_seed`` only when set, so other runs' hashes do not change)."""
         d = asdict(self)
+        if d["permute_ages_seed"] is None:
+            del d["permute_ages_seed"]
         d["grid"] = list(self.grid) if self.grid is not None else None
         d["channels"] = list(self.channels)
         d["exclude_qc"] = list(self.exclude_qc)
@@ -731,6 +735,10 @@ def train_run(
     cohort["fold"] = assign_folds(cohort, cfg.folds, cfg.seed).to_numpy()
 
     ages = cohort["age"].to_numpy(dtype=float)
+    if cfg.permute_ages_seed is not None:
+        from bodyage.nulls import permute_ages
+
+        ages = permute_ages(cohort, cfg.permute_ages_seed)  # a permuted-label null model
     data = ScanTensors(cache, list(cohort["scan_id"]))
     training_dtype = dtype_name(autocast_dtype(cfg.precision, dev))
     models_dir = run / "models"
@@ -799,6 +807,8 @@ def train_run(
                     "age_gap_corrected": bias.apply(ages[test_idx], test_pred) - ages[test_idx],
                 }
             )
+            if cfg.permute_ages_seed is not None:  # `age` is the label it was trained on
+                fold_pred["true_age"] = sub["age"].to_numpy(dtype=float)
             state = {"state_dict": {kk: v.cpu() for kk, v in best["state_dict"].items()}, "hparams": hp}
             write_with(models_dir / f"fold{k}.log.csv", partial(pd.DataFrame(history).to_csv, index=False))
             write_with(fold_pred_file, partial(fold_pred.to_parquet, index=False))

@@ -50,7 +50,30 @@ def attribute(
         bool, typer.Option("--groups", help="Also write attributions_groups.parquet (kidney = left + right, ...).")
     ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Scans per forward/backward pass.")] = 8,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of Shapley sampling and the sanity check.")] = 0,
+    nulls: Annotated[
+        bool,
+        typer.Option(
+            "--nulls/--no-nulls",
+            help="Also explain the scans under null models (randomised-weight copies of each fold model and a "
+            "model trained on ages permuted within folds) -> attributions_null.parquet, attribution_nulls.csv.",
+        ),
+    ] = True,
+    null_copies: Annotated[
+        int, typer.Option("--null-copies", help="Randomised-weight copies of each fold model (0: none).")
+    ] = 3,
+    permuted: Annotated[
+        bool,
+        typer.Option(
+            "--permuted/--no-permuted",
+            help="Train (resumable, into RUN/nulls/permuted_labels) and explain the permuted-label model; "
+            "costs as much as train.",
+        ),
+    ] = True,
+    null_scans: Annotated[
+        Optional[int],
+        typer.Option("--null-scans", help="Explain a seeded sample of this many scans under the nulls [default: all]."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of Shapley sampling, the sanity check and the nulls.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     cache: Annotated[
         Optional[Path], typer.Option("--cache", help="Preprocessed-tensor cache folder [default: as train].")
@@ -64,6 +87,7 @@ def attribute(
     from bodyage.attribute import AttributeConfig, attribute_run
     from bodyage.attribution import DEFAULT_METHODS
     from bodyage.errors import BodyageWarning
+    from bodyage.nulls import NullConfig
 
     if quiet:
         STATE.quiet = True
@@ -80,7 +104,14 @@ def attribute(
     )
     with progress_display() as progress:
         result = attribute_run(
-            run, cfg, device=device, cache_dir=cache, sanity=sanity, sanity_scans=sanity_scans, progress=progress
+            run,
+            cfg,
+            device=device,
+            cache_dir=cache,
+            sanity=sanity,
+            sanity_scans=sanity_scans,
+            nulls=NullConfig(copies=null_copies, permuted=permuted, scans=null_scans) if nulls else None,
+            progress=progress,
         )
     if not result.merged:
         return

@@ -19,6 +19,10 @@ from cli.progress import progress_display
 
 #: what the demo runs, in order (the first line of the stage bar names the stage)
 STAGES: tuple[str, ...] = ("simulate", "train", "attribute", "stats", "report")
+#: the demo's null models (docs/methods/nulls.md): a seeded sample of DEMO_NULL_SCANS scans explained by
+#: DEMO_NULL_COPIES random copies of each fold model and by the permuted-label model, trained like the demo's model
+DEMO_NULL_COPIES = 3
+DEMO_NULL_SCANS = 100
 
 
 @handles_errors
@@ -36,11 +40,20 @@ def demo(
     pdf: Annotated[
         bool, typer.Option("--pdf/--no-pdf", help="Compile report.tex with pdflatex when available.")
     ] = True,
+    nulls: Annotated[
+        bool,
+        typer.Option(
+            "--nulls/--no-nulls",
+            help=f"Attribute under null models too: {DEMO_NULL_COPIES} randomised-weight copies per fold and the "
+            f"permuted-label model, on {DEMO_NULL_SCANS} scans (about doubles the run time).",
+        ),
+    ] = True,
 ) -> None:
     """The whole pipeline on the synthetic cohort, on CPU, in minutes; ends with what it recovered."""
     from analysis.report import write_report
     from analysis.stats import run_stats
     from bodyage.attribute import AttributeConfig, attribute_run
+    from bodyage.nulls import NullConfig
     from bodyage.simulate import simulate_study
     from bodyage.train import TrainConfig, parse_grid, train_run
 
@@ -70,7 +83,12 @@ def demo(
         t0 = time.perf_counter()
         methods = tuple(method) if method else AttributeConfig().methods
         # two scans' maps (NIfTI + PNG with the organ contours): what a body-level explanation looks like
-        attributed = attribute_run(run, AttributeConfig(methods=methods, save_maps=2), progress=progress)
+        attributed = attribute_run(
+            run,
+            AttributeConfig(methods=methods, save_maps=2),
+            nulls=NullConfig(copies=DEMO_NULL_COPIES, scans=DEMO_NULL_SCANS) if nulls else None,
+            progress=progress,
+        )
         done("attribute", t0)
 
         t0 = time.perf_counter()
@@ -86,6 +104,21 @@ def demo(
     maps = run / "attribute" / "maps"
     for line in _summary(sim_line, trained, attributed, stats, report, minutes, total, maps):
         typer.echo(line)
+
+
+def _null_line(entry: dict[str, Any]) -> str | None:
+    """``precision@k`` of a method's null models and the regions clearing them (recovery keys)."""
+    nulls = entry.get("nulls") or {}
+    if not nulls:
+        return None
+    parts = []
+    for kind, v in nulls.items():
+        p, lo, hi = v.get("precision_at_k"), v.get("ci_low"), v.get("ci_high")
+        band = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None and lo != hi else ""
+        parts.append(f"{kind.replace('_', ' ')} {p:.2f}{band}" if p is not None else f"{kind.replace('_', ' ')} n/a")
+    clears = entry.get("clears_nulls")
+    tail = f"; above every null band: {', '.join(clears) if clears else 'no region'}" if clears is not None else ""
+    return f"    null models' precision@{entry.get('k')}: {', '.join(parts)}{tail}"
 
 
 def _summary(
@@ -107,12 +140,20 @@ def _summary(
     lines.append(f"  out-of-fold MAE {m['overall']['mae']:.2f} years{oracle}{ratio}")
     if m.get("informative") is False:
         lines.append(f"  WARNING: uninformative model: {m['informative_reason']}")
+    cost = getattr(attributed, "cost", None) or {}
+    null_steps = {k.replace("_", " "): v["wall"] / 60.0 for k, v in cost.items() if k != "trained_attribute"}
+    if null_steps:
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in null_steps.items())
+        lines.append(f"  null models: {sum(null_steps.values()):.1f} min of the attribute stage ({steps})")
     for name, r in rec.get("methods", {}).items():
         top = ", ".join(r.get("top_regions", [])[: r.get("k", 0)])
         lines.append(
             f"  {name}: precision@{r.get('k')} {r.get('precision_at_k', float('nan')):.2f} of the planted regions "
             f"in its top {r.get('k')}: {top}"
         )
+        null_line = _null_line(r)
+        if null_line:
+            lines.append(null_line)
     for name, p in rec.get("phenotypes", {}).items():
         sig = {k: v for k, v in (p.get("significant_regions") or {}).items() if v}
         where = "; ".join(f"{k}: {', '.join(v)}" for k, v in sig.items()) or "no region at FDR 5%"

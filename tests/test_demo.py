@@ -44,6 +44,8 @@ def test_shrunken_demo_end_to_end(tmp_path: Path) -> None:
         .eq(len(cohort))
         .all()
     )
+    nulls = pd.read_parquet(run / "attributions_null.parquet")  # the demo attributes under its null models
+    assert set(nulls["null"]) == {"random_weights", "permuted_labels"} and "null models:" in res.output
     for name in ("metrics.json", "run.json", "recovery.json", "attribution_recovery.json"):
         assert isinstance(json.loads((run / name).read_text()), dict), name
     recovery = json.loads((run / "recovery.json").read_text())
