@@ -12,9 +12,11 @@ alone (:mod:`bodyage.region_signals`), larger = ranked higher:
 ``volume_intensity``
     Mean summed signal (volume × mean water + fat signal).
 ``signal_spread``
-    Between-scan spread of the region's mean signal, the larger of two dimensionless
-    numbers: the SD of its mean fat fraction (already a fraction of the signal) and the
-    coefficient of variation (SD / cohort mean) of its mean water signal. No ages used.
+    Between-scan spread of the region's mean signal, the larger of two numbers on one
+    scale, a fraction of the region's total signal: the SD of its mean fat fraction
+    (fat / (water + fat)) and the SD of its mean water signal divided by the cohort mean of
+    its total signal (water + fat). Dividing water by its own mean instead would let the
+    noisy, near-zero water of fat tissue dominate. No ages used.
 ``univariate_screen``
     The largest |Spearman ρ| with age of the region's mean fat fraction, mean water
     signal or volume over scans: what a one-line screen of the table finds.
@@ -78,7 +80,7 @@ def floor_scores(signals: pd.DataFrame) -> dict[str, pd.Series]:
     ----------
     signals
         :func:`bodyage.region_signals.region_signals`'s table: one row per (scan, region
-        present), columns ``region``, ``age``, ``volume_ml``, ``water_mean``,
+        present), columns ``region``, ``age``, ``volume_ml``, ``water_mean``, ``fat_mean``,
         ``fat_fraction``, ``signal_sum``.
 
     Returns
@@ -89,9 +91,9 @@ def floor_scores(signals: pd.DataFrame) -> dict[str, pd.Series]:
     """
     by = signals.groupby("region")
     volume = by["volume_ml"].mean()
-    water_mean = by["water_mean"].mean()
+    total = by["water_mean"].mean() + by["fat_mean"].mean()
     spread = pd.concat(
-        [by["fat_fraction"].std(ddof=1), by["water_mean"].std(ddof=1) / water_mean.where(water_mean != 0)],
+        [by["fat_fraction"].std(ddof=1), by["water_mean"].std(ddof=1) / total.where(total != 0)],
         axis=1,
     ).max(axis=1, skipna=True)
     screen = {

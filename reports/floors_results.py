@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=80)
     parser.add_argument("--study", type=Path, help="an existing simulated study instead of simulating")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--keep", type=Path, help="simulate into DIR/<scenario> and reuse what is there")
     parser.add_argument("--out", type=Path, default=Path("docs/results/floors.json"))
     args = parser.parse_args()
     out: dict[str, Any] = {
@@ -80,8 +81,9 @@ def main() -> None:
     else:
         for name in args.scenario or ["default", "dev"]:
             with tempfile.TemporaryDirectory() as tmp:
-                root = Path(tmp) / "study"
-                simulate_study(root, scenario=name, subjects=args.subjects, workers=args.workers, figures=False)
+                root = (args.keep if args.keep else Path(tmp)) / name
+                if not (root / "truth.json").is_file():
+                    simulate_study(root, scenario=name, subjects=args.subjects, workers=args.workers, figures=False)
                 out["scenarios"][name] = measure(root)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

@@ -49,7 +49,8 @@ def _signals() -> pd.DataFrame:
     """A constructed region-signals table whose floor rankings are known.
 
     volume: a > b > d > c (hits 1 of 2); summed signal: b > d > a > c (1 of 2);
-    spread: c (ff SD) > b (water CV) > others (2 of 2); screen: b (water ~ age) and c (ff ~ age) (2 of 2).
+    spread: b (water SD / total signal) > c (ff SD) > others (2 of 2);
+    screen: b (water ~ age) and c (ff ~ age) (2 of 2).
     """
     ages = np.array([50.0, 55, 60, 65, 70, 75])
     rows = []
@@ -84,11 +85,12 @@ def test_floor_scores_and_precision_by_hand() -> None:
     scores = floor_scores(sig)
     assert set(scores) == set(FLOORS)
     assert list(scores["volume"].sort_values(ascending=False).index) == ["a", "b", "d", "c"]
-    # spread: the larger of SD(ff) and SD(water)/mean(water)
+    # spread: the larger of SD(ff) and SD(water) / mean(water + fat)
     c_ff = sig[sig.region == "c"]["fat_fraction"].std(ddof=1)
-    b_water = sig[sig.region == "b"]["water_mean"]
+    b_sig = sig[sig.region == "b"]
     assert scores["signal_spread"]["c"] == pytest.approx(c_ff)
-    assert scores["signal_spread"]["b"] == pytest.approx(b_water.std(ddof=1) / b_water.mean())
+    b_total = b_sig["water_mean"].mean() + b_sig["fat_mean"].mean()
+    assert scores["signal_spread"]["b"] == pytest.approx(b_sig["water_mean"].std(ddof=1) / b_total)
     b = sig[sig.region == "b"]
     # b's fat fraction is constant (no correlation); its water rises with age, its volume cycles
     expect_b = max(abs(spearmanr(b[c], b["age"]).statistic) for c in ("water_mean", "volume_ml"))
