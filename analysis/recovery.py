@@ -527,10 +527,11 @@ def evaluate_goals(rec: Mapping[str, Any], *, alpha: float = ALPHA) -> dict[str,
     region = [m for m in methods if m in REGION_LEVEL_METHODS and _finite(methods[m].get("precision_at_k"))]
     best = max(region, key=lambda m: methods[m]["precision_at_k"]) if region else None
     entry = methods.get(best, {}) if best else {}
-    p = entry.get("precision_at_k")
-    floor_margin = p - entry["floor_max"] if best and _finite(entry.get("floor_max")) else None
-    null = ((entry.get("nulls") or {}).get("permuted_labels") or {}).get("precision_at_k")
-    null_margin = p - null if best and _finite(null) else None
+    p = float(entry["precision_at_k"]) if best else math.nan
+    floor_max: Any = entry.get("floor_max")
+    null: Any = ((entry.get("nulls") or {}).get("permuted_labels") or {}).get("precision_at_k")
+    floor_margin = p - float(floor_max) if best and _finite(floor_max) else None
+    null_margin = p - float(null) if best and _finite(null) else None
     for name, margin in (
         ("region_method_beats_floors", floor_margin),
         ("region_method_beats_permuted_null", null_margin),
