@@ -151,7 +151,7 @@ def render_scan(spec: ScanSpec, grid: GridSpec, labels: LabelTable, noise_sd: fl
 
 def _write_scan(
     args: tuple[ScanSpec, GridSpec, LabelTable, float, str, tuple[int, int, int]],
-) -> tuple[str, npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+) -> tuple[str, npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     from bodyage.volumes import save_volume
 
     spec, grid, labels, noise_sd, root, model_grid = args
@@ -365,7 +365,7 @@ def simulate_study(
     n_workers = workers if workers is not None else min(2, os.cpu_count() or 1, max(1, len(specs) // 20))
     task = progress.task("simulate", len(specs))
     counts: dict[str, npt.NDArray[np.int64]] = {}
-    model_counts: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
+    model_counts: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]] = {}
     model_grid = default_model_grid(sc.grid.shape)
     jobs = [(s, grid, labels, sc.noise_sd, str(root), model_grid) for s in specs]
     if n_workers <= 1:

@@ -77,8 +77,12 @@ def _sample(
 ) -> tuple[Array, Array, list[str]]:
     draws = draw_subjects(scenario, n, regions, rng)
     bio = biological_ages(scenario, draws.age, draws, regions)
-    params = planted_parameters(scenario, bio, draws.phenotypes, regions, scaled_nuisance(draws, nuis_sd))
-    x, names = planted_features(scenario, params, regions)
+    # only the planted regions carry features: compute their parameters alone
+    planted = [r for r in regions if r in set(scenario.planted_regions)]
+    cols = [list(regions).index(r) for r in planted]
+    nuis = scaled_nuisance(draws, nuis_sd, cols=cols)
+    params = planted_parameters(scenario, bio[:, cols], draws.phenotypes, planted, nuis)
+    x, names = planted_features(scenario, params, planted)
     return draws.age, x, names
 
 

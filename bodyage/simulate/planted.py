@@ -68,7 +68,8 @@ class SubjectDraws:
     phenotypes: dict[str, Array]
     shared_deviation: Array
     region_deviation: Array
-    nuisance: Array | None = None
+    #: standard normal draws of the age-independent deviations (n × regions × channels), float32
+    nuisance: npt.NDArray[np.float32] | None = None
 
 
 def draw_subjects(scenario: Scenario, n: int, regions: Sequence[str], rng: np.random.Generator) -> SubjectDraws:
@@ -90,7 +91,7 @@ def draw_subjects(scenario: Scenario, n: int, regions: Sequence[str], rng: np.ra
     )
     nuis = scenario.nuisance
     z = (
-        rng.standard_normal((n, len(regions), len(NUISANCE_CHANNELS)))
+        rng.standard_normal((n, len(regions), len(NUISANCE_CHANNELS)), dtype=np.float32)
         if max(nuis.fat_fraction_sd, nuis.water_signal_sd, nuis.volume_sd, nuis.texture_sd, nuis.shape_sd) > 0
         else None
     )
@@ -262,11 +263,22 @@ def nuisance_sd(scenario: Scenario, regions: Sequence[str]) -> Array:
     return np.asarray(np.sqrt(np.clip(total[None, :] ** 2 - ageing_sd**2, 0.0, None)), dtype=float)
 
 
-def scaled_nuisance(draws: SubjectDraws, sd: Array, rows: npt.NDArray[np.int64] | None = None) -> Array | None:
-    """The subjects' age-independent deviations (n × regions × 3): standard draws times :func:`nuisance_sd`."""
+def scaled_nuisance(
+    draws: SubjectDraws,
+    sd: Array,
+    rows: npt.NDArray[np.int64] | None = None,
+    cols: Sequence[int] | None = None,
+) -> Array | None:
+    """The subjects' age-independent deviations (n × regions × channels): standard draws times :func:`nuisance_sd`.
+
+    ``rows`` selects subjects (repeat visits), ``cols`` regions (the oracle needs only the
+    planted ones).
+    """
     if draws.nuisance is None:
         return None
     z = draws.nuisance if rows is None else draws.nuisance[rows]
+    if cols is not None:
+        z, sd = z[:, list(cols)], sd[list(cols)]
     return np.asarray(z * sd[None, :, :], dtype=float)
 
 

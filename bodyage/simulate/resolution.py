@@ -46,27 +46,33 @@ def default_model_grid(shape: Sequence[int]) -> tuple[int, int, int]:
 
 def region_counts(
     mask: npt.NDArray[np.integer], model_grid: Sequence[int], n_labels: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Model voxels per label on ``model_grid``: (majority-vote counts, interior counts).
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Model voxels per label on ``model_grid``: (volume in model voxels, interior voxels).
 
-    Both arrays have length ``n_labels`` (indexed by label id).
+    Both arrays have length ``n_labels`` (indexed by label id). For integer factors the
+    volume is the image voxel count over the factors' product; otherwise the count of
+    majority-vote voxels.
     """
     from scipy import ndimage
 
     from bodyage.preprocess import resample_labels
 
-    arr = np.asarray(mask).astype(np.int64)
-    majority = np.asarray(resample_labels(arr, model_grid)).astype(np.int64)
-    maj = np.bincount(majority.ravel(), minlength=n_labels)[:n_labels]
+    arr = np.asarray(mask)
     f = [s / g for s, g in zip(arr.shape, model_grid, strict=True)]
     if all(abs(x - round(x)) < 1e-9 for x in f):
         fx, fy, fz = (round(x) for x in f)
         gx, gy, gz = (int(g) for g in model_grid)
-        blocks = arr[: gx * fx, : gy * fy, : gz * fz].reshape(gx, fx, gy, fy, gz, fz)
-        lo = blocks.min(axis=(1, 3, 5))
-        hi = blocks.max(axis=(1, 3, 5))
-        pure = np.where(lo == hi, lo, 0)
+        cut = arr[: gx * fx, : gy * fy, : gz * fz]
+        first = cut[::fx, ::fy, ::fz]
+        same = np.ones(first.shape, dtype=bool)
+        for i, j, k in np.ndindex(fx, fy, fz):
+            same &= cut[i::fx, j::fy, k::fz] == first
+        pure = np.where(same, first, 0).astype(np.int64)
+        # the region's volume in model voxels (a majority vote costs 20x more and differs little)
+        maj = np.bincount(arr.ravel().astype(np.int64), minlength=n_labels)[:n_labels] / float(fx * fy * fz)
     else:
+        majority = np.asarray(resample_labels(arr.astype(np.int64), model_grid)).astype(np.int64)
+        maj = np.bincount(majority.ravel(), minlength=n_labels)[:n_labels].astype(float)
         pure = np.zeros_like(majority)
         for lab in np.unique(majority):
             if lab == 0:
@@ -75,7 +81,7 @@ def region_counts(
             pure[ndimage.binary_erosion(sel, border_value=0) & sel] = lab
     inner = np.bincount(pure.ravel(), minlength=n_labels)[:n_labels]
     inner[0] = 0
-    return maj.astype(np.int64), inner.astype(np.int64)
+    return np.asarray(maj, dtype=float), inner.astype(np.int64)
 
 
 def resolvable_summary(
@@ -84,7 +90,7 @@ def resolvable_summary(
     model_grid: Sequence[int],
     image_grid: Sequence[int],
     spacing_mm: Sequence[float],
-    majority: npt.NDArray[np.int64],
+    majority: npt.NDArray[np.float64],
     interior: npt.NDArray[np.int64],
 ) -> dict[str, Any]:
     """``truth.json["resolvable"]`` and the planted regions below resolution.
@@ -94,8 +100,8 @@ def resolvable_summary(
     regions
         Region name -> label id.
     majority, interior
-        Per scan (rows) and label id (columns): model voxels by majority vote, interior
-        model voxels.
+        Per scan (rows) and label id (columns): volume in model voxels, interior model
+        voxels (:func:`region_counts`).
 
     Returns
     -------
