@@ -870,8 +870,12 @@ def _summary(
                 f"agreement with ablation {_f(m['agreement_with_ablation'])}."
             )
             if m.get("clears_nulls") is not None:
-                cleared = ", ".join(m["clears_nulls"]) or "none"
-                lines.append(f"  - regions above the null band of every null model: {cleared}.")
+                above = m["clears_nulls"]
+                shown = ", ".join(above[:TOP_IN_SUMMARY]) + (", ..." if len(above) > TOP_IN_SUMMARY else "")
+                lines.append(
+                    f"  - {len(above)} region(s) above the null band of every null model"
+                    + (f", most important first: {shown}." if above else ".")
+                )
         for p, v in rec["phenotypes"].items():
             found = "; ".join(f"{m}: {', '.join(r) or 'none'}" for m, r in v["significant_regions"].items())
             lines.append(

@@ -245,9 +245,10 @@ def _tiny_run(study: Path, root: Path) -> Path:
     (run / "run.json").write_text(json.dumps({"study": str(study)}))
     pred = cohort[["subject_id", "visit", "age"]].copy()
     pred["fold"] = pred["subject_id"].rank(method="dense").astype(int) % 2
-    pred["predicted_age"] = pred["age"] + 1.0
-    pred["age_gap"] = 1.0
-    pred["age_gap_corrected"] = 0.0
+    noise = np.random.default_rng(3).normal(0.0, 3.0, len(pred))
+    pred["predicted_age"] = pred["age"] + noise
+    pred["age_gap"] = noise
+    pred["age_gap_corrected"] = noise - noise.mean()
     pred.to_parquet(run / "predictions.parquet", index=False)
     rows = [
         {
@@ -411,3 +412,21 @@ def test_precision_goals_are_margins_over_floors_and_the_permuted_null() -> None
     assert goals["mae_ratio"]["met"] is False
     assert goals["region_method_beats_floors"]["met"] is False
     assert goals["region_method_beats_permuted_null"]["value"] == pytest.approx(0.125)
+
+
+def test_summary_shows_each_precision_beside_floors_and_nulls(tiny_study: Path, tmp_path: Path) -> None:
+    from analysis.report import write_report
+
+    run = _tiny_run(tiny_study, tmp_path)
+    attr = pd.read_parquet(run / "attributions.parquet")
+    null = attr.assign(null="permuted_labels", copy=0, mass=attr["mass"].to_numpy()[::-1])
+    null.to_parquet(run / "attributions_null.parquet", index=False)
+    res = write_report(run, tmp_path / "rep")
+    rec = json.loads((run / "recovery.json").read_text())["methods"]["ablation"]
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    assert f"(precision@k {rec['precision_at_k']:.2f}; {baseline_text(rec)})" in summary
+    assert "floors: max" in summary and "permuted-label null" in summary and "(1 copy)" in summary
+    assert f"{len(rec['clears_nulls'])} region(s) above the null band of every null model" in summary
+    assert any(baseline_text(rec) in line for line in res.summary())
+    tex = (tmp_path / "rep" / "recovery.tex").read_text()
+    assert "Beside: floors and nulls" in tex and "univariate screen" in tex
