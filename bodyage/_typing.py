@@ -6,7 +6,6 @@ from typing import Literal
 
 Sex = Literal["F", "M"]
 Device = Literal["auto", "cpu", "cuda"]
-SegmentDevice = Literal["auto", "cpu", "gpu"]
 AgeingEffect = Literal["volume", "fat_fraction", "water_signal", "texture", "shape"]
 PhenotypeType = Literal["binary", "continuous"]
 AttributionMethod = Literal["gradcam", "integrated_gradients", "ablation", "shapley"]
@@ -16,6 +15,7 @@ QcFlag = Literal["unreadable", "nonfinite", "fat_water_swap", "missing_coverage"
 SegmentTask = Literal["total_mr", "tissue_types_mr"]
 
 SEXES: tuple[Sex, ...] = ("F", "M")
+#: `--device` on every command (`gpu` is accepted for `cuda`: bodyage.device.DEVICE_ALIASES)
 DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
 AGEING_EFFECTS: tuple[AgeingEffect, ...] = ("volume", "fat_fraction", "water_signal", "texture", "shape")
 #: the effects a phenotype's `anatomy` may have (texture and shape are ageing-only)
@@ -27,5 +27,3 @@ IMAGES_AS: tuple[ImagesAs, ...] = ("link", "path", "copy")
 QC_FLAGS: tuple[QcFlag, ...] = ("unreadable", "nonfinite", "fat_water_swap", "missing_coverage", "extreme_intensity")
 #: TotalSegmentator tasks `bodyage segment` runs (organs; tissue classes, licence needed)
 SEGMENT_TASKS: tuple[SegmentTask, ...] = ("total_mr", "tissue_types_mr")
-#: devices of `bodyage segment --device` (TotalSegmentator's names)
-SEGMENT_DEVICES: tuple[SegmentDevice, ...] = ("auto", "cpu", "gpu")

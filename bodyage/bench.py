@@ -239,9 +239,13 @@ def bench_region_aggregation(sizes: BenchSizes, device: torch.device) -> dict[st
     """Ours vs the naive loop, TotalSegmentator's statistics and a plain sum (one map)."""
     import nibabel as nib
     import torch
-    from totalsegmentator.statistics import get_basic_statistics
 
     from bodyage.attribution import region_sums
+
+    try:
+        from totalsegmentator.statistics import get_basic_statistics
+    except ImportError:  # the minimal install (no `segment` extra): that comparison reads NaN
+        get_basic_statistics = None
 
     shape, n = sizes.aggregation_shape, sizes.labels
     m = block_labels(shape, n)
@@ -272,7 +276,13 @@ def bench_region_aggregation(sizes: BenchSizes, device: torch.device) -> dict[st
         return torch.zeros(n + 1, device=device).scatter_add_(0, flat_m, flat_a)
 
     t = interleaved(
-        {"ours": ours, "naive": naive, "totalsegmentator": totalseg, "sum": plain_sum, "scatter_f32": scatter},
+        {
+            "ours": ours,
+            "naive": naive,
+            **({"totalsegmentator": totalseg} if get_basic_statistics is not None else {}),
+            "sum": plain_sum,
+            "scatter_f32": scatter,
+        },
         sizes.repeats,
         device,
     )
@@ -305,9 +315,10 @@ def bench_region_aggregation(sizes: BenchSizes, device: torch.device) -> dict[st
             "region_aggregation",
             "region_sums",
             "totalsegmentator.statistics.get_basic_statistics (volume and mean intensity per organ of the "
-            f"map cast to int16, its total_mr class map: {min(n, 50)} labels)",
+            f"map cast to int16, its total_mr class map: {min(n, 50)} labels)"
+            + ("" if get_basic_statistics is not None else "; not installed: pip install 'bodyage[segment]'"),
             t["ours"],
-            t["totalsegmentator"],
+            t.get("totalsegmentator", float("nan")),
             "speedup",
             **common,
         ),

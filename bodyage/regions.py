@@ -2,8 +2,10 @@
 
 Names and ids come from TotalSegmentator's own class maps (``total_mr`` ids 1–50 keep
 their ids; the tissue classes of ``tissue_types_mr`` get ids 51–53), read from
-:mod:`totalsegmentator.map_to_binary`, which imports neither torch nor weights. This
-module itself imports nothing heavy, so :mod:`analysis` can use the groups and kinds.
+:mod:`totalsegmentator.map_to_binary`, which imports neither torch nor weights, or from the
+copy in :mod:`bodyage.ts_classes` when TotalSegmentator is not installed. This module
+itself imports nothing heavy, so :mod:`analysis` can use the groups, kinds and
+:func:`display_name`.
 
 A study's ``labels.json`` is always the authority for that study: use
 :func:`LabelTable.from_json` to read it.
@@ -113,6 +115,34 @@ def group_of(name: str) -> str:
     return best if best is not None else name
 
 
+#: side suffixes of region names and how they read: ``kidney_left`` -> ``kidney (left)``
+_SIDES: tuple[str, ...] = ("left", "right")
+
+
+def display_name(region: str) -> str:
+    """The readable name of a region for figures and LaTeX tables.
+
+    Underscores become spaces and a side suffix becomes a parenthesis:
+    ``gluteus_maximus_left`` -> ``gluteus maximus (left)``, ``portal_vein_and_splenic_vein``
+    -> ``portal vein and splenic vein``. Names without underscores are returned unchanged.
+    Tables on disk (CSV, parquet) keep the raw names; only what a person reads uses this.
+
+    Parameters
+    ----------
+    region
+        A region name as in ``labels.json`` (or a group name of :data:`REGION_GROUPS`).
+
+    Returns
+    -------
+    str
+        The name to print.
+    """
+    stem, _, side = region.rpartition("_")
+    if stem and side in _SIDES:
+        return f"{stem.replace('_', ' ')} ({side})"
+    return region.replace("_", " ")
+
+
 @dataclass(frozen=True)
 class LabelTable:
     """Mapping between integer label ids and region names.
@@ -219,15 +249,27 @@ class LabelTable:
 def totalsegmentator_class_map(task: str) -> dict[int, str]:
     """Return TotalSegmentator's ``{id: name}`` map for ``task`` (no torch, no weights).
 
+    Read from :mod:`totalsegmentator.map_to_binary` when TotalSegmentator is installed,
+    else from the copy shipped in :mod:`bodyage.ts_classes` (the tasks bodyage uses), so the
+    minimal install (without the ``segment`` extra) simulates and imports masks.
+
     Raises
     ------
     InputError
-        If TotalSegmentator is not installed or does not know ``task``.
+        If TotalSegmentator does not know ``task`` (or, when it is not installed, the
+        shipped copy has no such task).
     """
+    from bodyage.ts_classes import CLASS_MAPS
+
     try:
         from totalsegmentator.map_to_binary import class_map
-    except ImportError as err:  # pragma: no cover - dependency of the package
-        raise InputError("TotalSegmentator is not installed; `pip install TotalSegmentator`") from err
+    except ImportError:
+        if task not in CLASS_MAPS:
+            raise InputError(
+                f"TotalSegmentator task {task!r} is not one of {', '.join(CLASS_MAPS)} and TotalSegmentator is "
+                "not installed to look it up; install it with: pip install 'bodyage[segment]'"
+            ) from None
+        return dict(CLASS_MAPS[task])
     if task not in class_map:
         raise InputError(f"TotalSegmentator has no task {task!r}")
     return {int(k): str(v) for k, v in class_map[task].items()}

@@ -59,7 +59,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from bodyage._typing import SEGMENT_DEVICES, SEGMENT_TASKS, SegmentDevice, SegmentTask
+from bodyage._typing import SEGMENT_TASKS, SegmentTask
 from bodyage.errors import InputError, SegmentationError, StudyError, WeightsMissingError
 from bodyage.progress import NO_PROGRESS, Progress
 from bodyage.regions import (
@@ -195,7 +195,7 @@ def build_config(
         For unknown or repeated tasks, channels for tasks not run, a missing import
         folder, or TotalSegmentator options given with ``source``.
     """
-    from bodyage.totalseg import task_spec
+    from bodyage.totalseg import require_totalsegmentator, task_spec
 
     chosen = parse_channel_options([f"{t}={c}" for t, c in (channels or {}).items()])
     if source is not None:
@@ -214,6 +214,7 @@ def build_config(
         if not folder.is_dir():
             raise InputError(f"--from {folder}: folder not found")
         return SegmentConfig(source=folder)
+    require_totalsegmentator()
     run = list(tasks) if tasks else ["total_mr"]
     for t in run:
         task_spec(t)
@@ -850,7 +851,7 @@ def segment_study(
     study: str | os.PathLike[str],
     *,
     tasks: Sequence[str] | None = None,
-    device: SegmentDevice | None = None,
+    device: str | None = None,
     fast: bool = False,
     source: str | os.PathLike[str] | None = None,
     license_key: str | None = None,
@@ -867,7 +868,8 @@ def segment_study(
     tasks
         TotalSegmentator tasks (default ``["total_mr"]``); ``tissue_types_mr`` needs a licence.
     device
-        ``auto`` (a GPU if one is visible), ``cpu`` or ``gpu`` (default ``auto``).
+        ``auto`` (a GPU if one is visible), ``cpu`` or ``cuda`` (``gpu`` is accepted for
+        ``cuda``; default ``auto``).
     fast
         TotalSegmentator's 3 mm models where a task has one (``total_mr``).
     source
@@ -901,6 +903,7 @@ def segment_study(
         Some scans failed (after every table is written; reasons in ``failures.csv``),
         or TotalSegmentator failed on the first scans in a row.
     """
+    from bodyage.device import normalize_device
     from bodyage.distributed import shard, world_info
     from bodyage.provenance import build_run_record, finish_run_record, write_record
     from bodyage.totalseg import (
@@ -913,8 +916,8 @@ def segment_study(
         version_info,
     )
 
-    if device is not None and device not in SEGMENT_DEVICES:
-        raise InputError(f"--device must be one of {', '.join(SEGMENT_DEVICES)}; {device!r} was provided")
+    if device is not None:
+        normalize_device(device)  # a bad value fails before anything else, --from included
     config = build_config(
         tasks=tasks,
         fast=fast,

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bodyage._typing import SEGMENT_TASKS, SegmentDevice, SegmentTask
+from bodyage._typing import SEGMENT_TASKS, SegmentTask
 from bodyage.errors import InputError, SegmentationError, WeightsMissingError
 from bodyage.regions import TISSUE_ID_OFFSET
 
@@ -100,6 +100,28 @@ TASK_SPECS: dict[SegmentTask, TaskSpec] = {
     "total_mr": TaskSpec("total_mr", "water", 0, "total_mr", "total_fast_mr"),
     "tissue_types_mr": TaskSpec("tissue_types_mr", "fat", TISSUE_ID_OFFSET, "tissue_types_mr", None),
 }
+
+
+#: how to install TotalSegmentator with bodyage: the optional extra of ``pyproject.toml``
+INSTALL_HINT = "pip install 'bodyage[segment]'"
+
+
+def require_totalsegmentator() -> None:
+    """Check that TotalSegmentator can be imported (its light class-map module: no torch).
+
+    Raises
+    ------
+    InputError
+        If it is not installed (bodyage's minimal install leaves it out), saying how to
+        install it and that ``--from DIR`` imports masks without it.
+    """
+    try:
+        import totalsegmentator.map_to_binary  # noqa: F401
+    except ImportError as err:
+        raise InputError(
+            f"TotalSegmentator is not installed (it is optional); install it with: {INSTALL_HINT} "
+            "-- or import existing masks with --from DIR"
+        ) from err
 
 
 def task_spec(task: str) -> TaskSpec:
@@ -372,29 +394,31 @@ def write_private_home(home: Path, key: str | None) -> Path:
 # ---------------------------------------------------------------- device (torch)
 
 
-def resolve_device(device: SegmentDevice, local_rank: int = 0) -> str:
-    """Turn ``auto|cpu|gpu`` into TotalSegmentator's device string (``cpu`` or ``gpu:N``).
+def resolve_device(device: str, local_rank: int = 0) -> str:
+    """Turn ``auto|cpu|cuda`` (or ``gpu``) into TotalSegmentator's device string (``cpu`` or ``gpu:N``).
 
     Under torchrun each local rank takes its own GPU (``local_rank % visible GPUs``).
 
     Raises
     ------
     InputError
-        If ``gpu`` is asked for and no CUDA device is visible (TotalSegmentator would
-        silently fall back to the CPU, hours per scan).
+        For an unknown device, or if ``cuda`` is asked for and no CUDA device is visible
+        (TotalSegmentator would silently fall back to the CPU, hours per scan).
     """
-    if device not in ("auto", "cpu", "gpu"):
-        raise InputError(f"--device must be one of auto, cpu, gpu; {device!r} was provided")
-    if device == "cpu":
+    from bodyage.device import normalize_device
+
+    name = normalize_device(device)
+    if name == "cpu":
         return "cpu"
     import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0:
-        if device == "gpu":
+        if name == "cuda":
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
             raise InputError(
-                f"--device gpu: no CUDA device is visible (CUDA_VISIBLE_DEVICES={visible}); use --device cpu or auto"
+                f"--device {device}: no CUDA device is visible (CUDA_VISIBLE_DEVICES={visible}); "
+                "use --device cpu or auto"
             )
         return "cpu"
     return f"gpu:{local_rank % n}"

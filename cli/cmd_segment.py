@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from bodyage.device import DEVICE_HELP
 from cli.errors import handles_errors
+from cli.options import ThreadsOption, compute_options
 from cli.progress import progress_display
 
 
@@ -22,10 +24,8 @@ def segment(
             "tissue_types_mr (subcutaneous fat, torso fat, skeletal muscle; needs its free academic licence).",
         ),
     ] = None,
-    device: Annotated[
-        Optional[str],
-        typer.Option("--device", help="auto (a GPU if visible), cpu or gpu [default: auto]."),
-    ] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help=f"{DEVICE_HELP} [default: auto]")] = None,
+    threads: ThreadsOption = None,
     fast: Annotated[bool, typer.Option("--fast", help="TotalSegmentator's 3 mm model for total_mr.")] = False,
     from_dir: Annotated[
         Optional[Path],
@@ -57,12 +57,13 @@ def segment(
     """Organ masks with TotalSegmentator (or imported) -> STUDY/masks, cohort.csv mask column, masks/qc.csv."""
     from bodyage.segment import parse_channel_options, segment_study
 
+    compute_options(device, threads)
     channels = parse_channel_options(channel)
     with progress_display() as progress:
         summary = segment_study(
             study,
             tasks=task,
-            device=device,  # type: ignore[arg-type]  # checked by the library
+            device=device,
             fast=fast,
             source=from_dir,
             license_key=license_key,

@@ -238,8 +238,8 @@ def test_bad_task_channel_and_device_are_errors(study: Path) -> None:
         segment_study(study, channels={"tissue_types_mr": "fat"})
     with pytest.raises(InputError, match=r"--channel total_mr=inphase: .*cohort.csv has no column 'inphase'"):
         segment_study(study, channels={"total_mr": "inphase"})
-    with pytest.raises(InputError, match="--device must be one of auto, cpu, gpu; 'cuda' was provided"):
-        segment_study(study, device="cuda")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"--device must be auto, cpu or cuda, got 'tpu' \(gpu is accepted for cuda\)"):
+        segment_study(study, device="tpu")
     with pytest.raises(InputError, match="--fast: task tissue_types_mr has no fast model"):
         segment_study(study, tasks=["tissue_types_mr"], fast=True)
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from totalsegmentator.map_to_binary import class_map
+import pytest
 
 from bodyage._typing import SEGMENT_TASKS
 from bodyage.regions import (
@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_label_table_comes_from_totalsegmentators_class_map() -> None:
+    class_map = pytest.importorskip(
+        "totalsegmentator.map_to_binary", reason="TotalSegmentator is not installed (pip install 'bodyage[segment]')"
+    ).class_map
     table = combined_label_table()
     for ts_id, name in class_map["total_mr"].items():
         assert table.names[int(ts_id)] == name

@@ -38,6 +38,9 @@ from bodyage.totalseg import (
 )
 from cli.app import app
 
+# the wrapper reads TotalSegmentator's own tables (tasks, weights, licences): the `segment` extra
+pytest.importorskip("totalsegmentator", reason="TotalSegmentator is not installed (pip install 'bodyage[segment]')")
+
 runner = CliRunner()
 LICENSE = "aca_ABCDEFGHIJKLMN"  # 18 characters
 
