@@ -18,6 +18,7 @@ import pandas as pd
 
 from analysis.latex import stars
 from analysis.regionmodels import WHOLE_BODY
+from bodyage.regions import display_name
 
 #: resolution of the PNG copies
 PNG_DPI = 200
@@ -145,7 +146,7 @@ def region_heatmap(
                 colour = "white" if abs(values[i, j]) > 0.6 * lim else "black"
                 ax.text(j, i, mark, ha="center", va="center", fontsize=7, color=colour)
     ax.set_xticks(range(len(phenos)), phenos, rotation=30, ha="right")
-    ax.set_yticks(range(len(order)), order, fontsize=7 if len(order) > 25 else 8)
+    ax.set_yticks(range(len(order)), [display_name(r) for r in order], fontsize=7 if len(order) > 25 else 8)
     ax.set_xlabel("Phenotype")
     ax.set_title(f"{method} ({metric}): region effects", fontsize=10)
     bar = fig.colorbar(im, ax=ax, shrink=min(1.0, 8.0 / max(len(order), 1)) if len(order) > 8 else 1.0)
@@ -218,7 +219,8 @@ def comparison_plot(
     regions = tests[(tests["region"] != "") & tests["hedges_g"].notna()].sort_values(["q", "p"]).head(top)
     view = pd.concat([gaps, regions], ignore_index=True)
     names = [
-        o if r == "" else f"{r} ({m})" for o, r, m in zip(view["outcome"], view["region"], view["method"], strict=True)
+        o if r == "" else f"{display_name(r)} ({m})"
+        for o, r, m in zip(view["outcome"], view["region"], view["method"], strict=True)
     ]
     n = len(view)
     fig = _figure(6.8, 1.2 + 0.32 * n)

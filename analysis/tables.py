@@ -30,6 +30,7 @@ from analysis.fdr import family_text
 from analysis.latex import Column, LatexTable, write_latex
 from analysis.notes import summarise_warnings
 from analysis.regionmodels import WHOLE_BODY
+from bodyage.regions import display_name
 
 #: most rows a LaTeX table shows (a page)
 MAX_TEX_ROWS = 30
@@ -315,6 +316,7 @@ def region_table(
     view = pd.concat([whole.assign(_w=0), shown.assign(_w=1)], ignore_index=True)
     view = view.assign(_o=view["phenotype"].map(order)).sort_values(["_o", "_w", "q", "p"], kind="mergesort")
     view["block"] = view["phenotype"] + " (" + view["per"] + ")"
+    view["region"] = view["region"].map(display_name)  # readable names; the CSV keeps the raw ones
     view, unit = (view, "standard deviations") if joint else _scaled(view, metric, ["estimate", "ci_low", "ci_high"])
     first = sub.iloc[0]
     se_text = (
@@ -382,6 +384,7 @@ def gap_correlation_table(res: pd.DataFrame, method: str, alpha: float) -> tuple
     """LaTeX view of one method's rows of :func:`analysis.regionmodels.region_gap_correlations`."""
     sub = res[res["method"] == method]
     shown, selection = _select_rows(sub, alpha, "region", "region_gap_correlations.csv")
+    shown = shown.assign(region=shown["region"].map(display_name))
     first = sub.iloc[0]
     fam = str(first["fdr_family"]) if "fdr_family" in sub else "method"
     unfit = summarise_warnings(
@@ -429,7 +432,7 @@ def comparison_table(
     shown, selection = _select_rows(regions, alpha, "region", "comparison_tests.csv") if len(regions) else (regions, "")
     shown = shown.sort_values(["family", "q", "p"], kind="mergesort")
     view = pd.concat([gaps, shown], ignore_index=True)
-    view["what"] = np.where(view["region"] == "", view["outcome"], view["region"])
+    view["what"] = np.where(view["region"] == "", view["outcome"], view["region"].map(display_name))
     view["n_both"] = view["n_cohort"].astype(int).astype(str) + "/" + view["n_reference"].astype(int).astype(str)
     share = (view["metric"] == "share").to_numpy()
     view.loc[share, "difference"] = view.loc[share, "difference"] * 100.0

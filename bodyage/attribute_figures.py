@@ -100,7 +100,7 @@ def region_figure(
     Region methods name their baseline.
     """
     from bodyage.attribute_stability import fold_stability
-    from bodyage.regions import region_kind
+    from bodyage.regions import display_name, region_kind
 
     plt = _plt()
     table, summary = fold_stability(attributions, method, measure)
@@ -114,7 +114,7 @@ def region_figure(
         hi = (stats["fold_max"] - stats["importance"]).clip(lower=0).fillna(0)
         err = np.vstack([lo.to_numpy(), hi.to_numpy()])
     ax.barh(np.arange(len(stats)), stats["importance"], xerr=err, color=colours, ecolor="#333333")
-    ax.set_yticks(np.arange(len(stats)), [str(r).replace("_", " ") for r in stats.index], fontsize=6.5)
+    ax.set_yticks(np.arange(len(stats)), [display_name(str(r)) for r in stats.index], fontsize=6.5)
     ax.set_xlabel(measure_label(method, measure))
     what = baseline_label(method, baseline) if baseline and METHODS[method].level == "region" else method
     interval = f"min–max over {n_folds} fold models" if n_folds > 1 else "one fold model: no interval"
@@ -160,7 +160,7 @@ def slice_figure(
     Only the ``top`` most important regions get an extent bar (the first ``top`` of
     ``extents`` when ``importance`` is None): 53 labelled bars side by side cannot be read.
     """
-    from bodyage.regions import region_kind
+    from bodyage.regions import display_name, region_kind
 
     plt = _plt()
     sub = slices[slices["method"] == method].copy()
@@ -193,7 +193,7 @@ def slice_figure(
     for i, (region, row) in enumerate(ext.iterrows()):
         colour = KIND_COLOURS.get(region_kind(str(region)), "#666666")
         ax2.plot([i, i], [row["z_min"], row["z_max"]], lw=5, color=colour, solid_capstyle="butt")
-        ax2.text(i + 0.3, row["z_min"], str(region).replace("_", " "), rotation=90, fontsize=7, va="top", ha="left")
+        ax2.text(i + 0.3, row["z_min"], display_name(str(region)), rotation=90, fontsize=7, va="top", ha="left")
     ax2.set_xlim(-0.7, max(len(ext), 1) + 0.3)
     ax2.set_xticks([])
     ax2.set_xlabel(f"{what}\n(median over scans, coloured by kind)", fontsize=8)

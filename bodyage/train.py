@@ -495,7 +495,7 @@ def _train_fold(
         stale_saved = 0 if best["epoch"] < 0 else len(history) - 1 - best["epoch"]
         stop = bool(state.get("stopped", int(state["epoch"]) >= watch_from and stale_saved >= cfg.patience))
 
-    bar = progress.task(f"fold {k + 1}/{cfg.folds}", cfg.epochs)
+    bar = progress.task(f"fold {k} (folds 0-{cfg.folds - 1})", cfg.epochs)  # k as in fold{k}.pt and predictions
     if start_epoch:
         bar.advance(start_epoch)
     perm_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, k, 0xE90C]))

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.errors import handles_errors
+from cli.options import DeviceOption, ThreadsOption, compute_options
 from cli.progress import progress_display
 from cli.state import STATE
 
@@ -74,7 +75,8 @@ def attribute(
         typer.Option("--null-scans", help="Explain a seeded sample of this many scans under the nulls [default: all]."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of Shapley sampling, the sanity check and the nulls.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     cache: Annotated[
         Optional[Path], typer.Option("--cache", help="Preprocessed-tensor cache folder [default: as train].")
     ] = None,
@@ -91,6 +93,7 @@ def attribute(
 
     if quiet:
         STATE.quiet = True
+    compute_options(device, threads)
     cfg = AttributeConfig(
         methods=tuple(method or DEFAULT_METHODS),
         layer=layer,

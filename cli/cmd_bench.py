@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.errors import handles_errors
+from cli.options import DeviceOption, ThreadsOption, compute_options
 from cli.progress import progress_display
 
 
@@ -118,11 +119,13 @@ def bench(
     quick: Annotated[
         bool, typer.Option("--quick", help="A reduced run in seconds (small grids): checks, not numbers.")
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Stage throughputs and side-by-side ratios vs naive and peer code."""
     from bodyage.bench import run_bench
 
+    compute_options(device, threads)
     with progress_display() as progress:
         report = run_bench(quick=quick, device=device, stats=_stats_scaling, progress=progress)
     if json_output:

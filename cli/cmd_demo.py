@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cli.errors import handles_errors
+from cli.options import DeviceOption, ThreadsOption, compute_options
 from cli.progress import progress_display
 
 #: what the demo runs, in order (the first line of the stage bar names the stage)
@@ -40,6 +41,8 @@ def demo(
     pdf: Annotated[
         bool, typer.Option("--pdf/--no-pdf", help="Compile report.tex with pdflatex when available.")
     ] = True,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     nulls: Annotated[
         bool,
         typer.Option(
@@ -57,6 +60,7 @@ def demo(
     from bodyage.simulate import simulate_study
     from bodyage.train import TrainConfig, parse_grid, train_run
 
+    compute_options(device, threads)
     study, run = directory / "study", directory / "run"
     started = time.perf_counter()
     minutes: dict[str, float] = {}
@@ -77,7 +81,7 @@ def demo(
 
         t0 = time.perf_counter()
         cfg = TrainConfig(folds=folds, epochs=epochs, grid=parse_grid(grid))
-        trained = train_run(study, run, cfg, progress=progress)
+        trained = train_run(study, run, cfg, device=device, progress=progress)
         done("train", t0)
 
         t0 = time.perf_counter()
@@ -86,6 +90,7 @@ def demo(
         attributed = attribute_run(
             run,
             AttributeConfig(methods=methods, save_maps=2),
+            device=device,
             nulls=NullConfig(copies=DEMO_NULL_COPIES, scans=DEMO_NULL_SCANS) if nulls else None,
             progress=progress,
         )

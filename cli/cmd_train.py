@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from bodyage._typing import QC_FLAGS
 from cli.errors import handles_errors
+from cli.options import DeviceOption, ThreadsOption, compute_options
 from cli.progress import progress_display
 from cli.state import STATE
 
@@ -38,7 +40,8 @@ def train(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Scans per optimiser step (per process).")] = 8,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the one-cycle schedule.")] = 3e-3,
     seed: Annotated[int, typer.Option("--seed", help="Seed for folds, initialisation and augmentation.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     precision: Annotated[
         str,
         typer.Option(
@@ -48,7 +51,10 @@ def train(
     ] = "auto",
     exclude_qc: Annotated[
         Optional[str],
-        typer.Option("--exclude-qc", help="Leave out scans with these qc.csv flags, e.g. fat_water_swap,nan."),
+        typer.Option(
+            "--exclude-qc",
+            help=f"Leave out scans with these qc.csv flags, comma-separated, or all: {', '.join(QC_FLAGS)}.",
+        ),
     ] = None,
     cache: Annotated[
         Optional[Path], typer.Option("--cache", help="Preprocessed-tensor cache folder [default: STUDY/cache].")
@@ -65,6 +71,7 @@ def train(
 
     if quiet:
         STATE.quiet = True
+    compute_options(device, threads)
     kwargs = TrainConfig().model_kwargs
     if model_options:
         try:
