@@ -28,8 +28,12 @@ from cli.app import app
 
 runner = CliRunner()
 
-#: the compute commands: each takes --device and --threads
-COMPUTE_COMMANDS = ("train", "attribute", "segment", "bench", "demo", "clocks")
+#: the compute commands (clocks where present): each takes --device and --threads
+COMPUTE_COMMANDS = tuple(
+    c
+    for c in ("train", "attribute", "segment", "bench", "demo", "clocks")
+    if c in {cmd.name for cmd in app.registered_commands}
+)
 
 
 def _flat(text: str) -> str:
