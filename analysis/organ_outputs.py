@@ -196,7 +196,8 @@ def organ_table(models: pd.DataFrame, alpha: float, excluded: Mapping[str, str])
         f"Linear {'mixed ' if mixed else ''}models of each clock's organ age gap on each phenotype alone, "
         f"adjusted for {covariate_list(str(first['covariates']))}, {re_text}{fe_text}; {'REML' if mixed else 'OLS'}. "
         "Corrected: the clock's bias-corrected gap (years); conditioned: its gap conditioned on the overall ageing "
-        "gap (the residual on the mean of the informative clocks' gaps, fitted out of fold): what the organ adds "
+        "gap (as bodyage clocks makes it: the residual on the mean of the other informative organ clocks' gaps, fitted "
+        "out of fold): what the organ adds "
         "beyond the body's shared ageing. Estimates per unit of the phenotype or carriers vs non-carriers (1 vs 0).",
         *(f"Tests: {t.rstrip('.')}." for t in df_notes),
         f"Scans per model: {_range(models['n'])} (all counts in organ_gap_models.csv).",
