@@ -6,8 +6,9 @@ writes ``DIR/organ_ages.parquet`` (one row per scan × clock: ``age_gap_correcte
 gap, the mean of the other informative organ clocks' gaps) and ``DIR/clocks.json`` (per
 clock its regions, accuracy and ``informative`` flag). This module reads them
 (:func:`load_clocks`) and fits, per clock, exactly the phenotype models ``bodyage stats``
-fits on a whole-body gap (:func:`analysis.phenotypes.phenotype_models` on the clock's rows: age, age² and sex, a random intercept for the site or, with repeat
-visits, the subject; REML with Satterthwaite degrees of freedom; exclusions counted):
+fits on a whole-body gap (:func:`analysis.phenotypes.phenotype_models` on the clock's
+rows: age, age² and sex, a random intercept for the site or, with repeat visits, the
+subject; REML with Satterthwaite degrees of freedom; exclusions counted):
 
 :func:`organ_gap_models`
     one row per gap (``corrected``, ``conditioned``) × clock × phenotype; ``q`` is the
