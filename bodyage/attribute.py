@@ -582,9 +582,9 @@ def attribute_run(
 
     started = time.perf_counter()
     cfg = check_config(config or AttributeConfig())
-    if nulls is not None:
-        check_nulls(nulls)
     world = world_info()
+    if nulls is not None:
+        check_nulls(nulls, world.world_size)
     dev = resolve_device(device, world.local_rank)
     inputs = load_run_inputs(run_dir, cache_dir=cache_dir, progress=progress if world.is_main else NO_PROGRESS)
     run = inputs.run

@@ -102,8 +102,19 @@ class NullConfig:
     scans: int | None = None
 
 
-def check_nulls(cfg: NullConfig) -> None:
-    """Raise :class:`InputError` naming the option at fault."""
+def check_nulls(cfg: NullConfig, world_size: int = 1) -> None:
+    """Raise :class:`InputError` naming the option at fault.
+
+    Under ``torchrun`` (``world_size`` > 1) the permuted-label model is refused: training it
+    inside ``attribute`` would end the ranks' process group and start another, which
+    ``torchrun``'s rendezvous store does not support (the ranks hang). The random copies
+    are split by rank like the trained attribution.
+    """
+    if cfg.permuted and world_size > 1:
+        raise InputError(
+            f"--permuted cannot run under torchrun (WORLD_SIZE={world_size}): use --no-permuted here, "
+            "and run `bodyage attribute RUN` in one process for the permuted-label model"
+        )
     if cfg.copies < 0:
         raise InputError(f"--null-copies must be 0 or more, got {cfg.copies}")
     if cfg.scans is not None and cfg.scans < 1:

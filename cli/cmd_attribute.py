@@ -63,13 +63,14 @@ def attribute(
         int, typer.Option("--null-copies", help="Randomised-weight copies of each fold model (0: none).")
     ] = 3,
     permuted: Annotated[
-        bool,
+        Optional[bool],
         typer.Option(
             "--permuted/--no-permuted",
             help="Train (resumable, into RUN/nulls/permuted_labels) and explain the permuted-label model; "
-            "costs as much as train.",
+            "costs as much as train [default: on, off under torchrun].",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     null_scans: Annotated[
         Optional[int],
         typer.Option("--null-scans", help="Explain a seeded sample of this many scans under the nulls [default: all]."),
@@ -88,6 +89,7 @@ def attribute(
 
     from bodyage.attribute import AttributeConfig, attribute_run
     from bodyage.attribution import DEFAULT_METHODS
+    from bodyage.distributed import world_info
     from bodyage.errors import BodyageWarning
     from bodyage.nulls import NullConfig
 
@@ -105,6 +107,10 @@ def attribute(
         save_maps=save_maps,
         figures=not no_figures,
     )
+    distributed = world_info().distributed
+    use_permuted = (not distributed) if permuted is None else permuted
+    if nulls and permuted is None and distributed and world_info().is_main:
+        typer.echo("nulls: random-weight copies only under torchrun (the permuted-label model needs one process)")
     with progress_display() as progress:
         result = attribute_run(
             run,
@@ -113,7 +119,7 @@ def attribute(
             cache_dir=cache,
             sanity=sanity,
             sanity_scans=sanity_scans,
-            nulls=NullConfig(copies=null_copies, permuted=permuted, scans=null_scans) if nulls else None,
+            nulls=NullConfig(copies=null_copies, permuted=use_permuted, scans=null_scans) if nulls else None,
             progress=progress,
         )
     if not result.merged:

@@ -226,3 +226,10 @@ def test_a_scan_sample_and_the_cli_options(null_run: Path, tmp_path: Path) -> No
 def test_bad_null_options_say_what_is_wrong(cfg: NullConfig, message: str) -> None:
     with pytest.raises(InputError, match=message):
         check_nulls(cfg)
+
+
+def test_the_permuted_model_is_refused_under_torchrun_before_any_work() -> None:
+    # training it inside attribute would end the ranks' process group and start another: the ranks hung
+    with pytest.raises(InputError, match=r"--permuted cannot run under torchrun \(WORLD_SIZE=2\)"):
+        check_nulls(NullConfig(), world_size=2)
+    check_nulls(NullConfig(permuted=False), world_size=2)
