@@ -783,9 +783,15 @@ def attribute_run(
         null_counts = null_summary(write_null_bands(run, attributions, null_table, recovery["importance_measure"]))
 
     sanity_result = None
-    if sanity:
-        from bodyage.attribute_sanity import sanity_check
+    from bodyage.attribute_sanity import sanity_check, sanity_from_nulls, usable_nulls
 
+    if sanity and null_table is not None and usable_nulls(null_table):
+        # the null models' random copies are the randomised models: reuse them, run nothing again
+        sanity_result = sanity_from_nulls(
+            attributions, null_table, recovery["importance_measure"], seed=cfg.seed, layer=layer
+        )
+        write_json(run / SANITY, sanity_result)
+    elif sanity:
         sanity_result = sanity_check(
             inputs,
             cfg,

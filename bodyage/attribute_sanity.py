@@ -31,16 +31,21 @@ of vectors):
 
 When random models agree with nothing (their band near 0) condition 1 cannot hold and
 the check fails as uninformative rather than passing by default.
+
+:func:`sanity_check` runs the trained and randomised models on a sample of scans;
+:func:`sanity_from_nulls` reuses the random-weight copies the null models
+(:mod:`bodyage.nulls`) already explained, at no extra cost.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 
 from bodyage.attribution import METHODS, label_lookup, ranking_values, scan_values
 from bodyage.errors import InputError
@@ -316,6 +321,7 @@ def sanity_check(
     out: dict[str, Any] = {
         "n_scans": len(order),
         "n_random": n_random,
+        "source": "fully randomised copies of the fold models",
         "rule": RULE,
         "layer": layer,
         "regions": len(names),
@@ -340,6 +346,99 @@ def sanity_check(
             entry["by_measure"][s] = verdict
         entry.update(entry["by_measure"][entry["importance_measure"]])
         if METHODS[m].level != "voxel":
+            del entry["by_measure"]
+        out["methods"][m] = entry
+    return out
+
+
+def usable_nulls(nulls: pd.DataFrame | None, n_random: int = RANDOM_MODELS) -> bool:
+    """Whether a null table holds at least ``n_random`` random-weight copies to reuse."""
+    if nulls is None or nulls.empty or "null" not in nulls.columns:
+        return False
+    rand = nulls[nulls["null"] == "random_weights"]
+    return bool(rand["copy"].nunique() >= n_random)
+
+
+def sanity_from_nulls(
+    attributions: pd.DataFrame,
+    nulls: pd.DataFrame,
+    measures: Mapping[str, str],
+    *,
+    seed: int = 0,
+    layer: str | None = None,
+) -> dict[str, Any]:
+    """The calibrated check from the null models' random-weight copies: no model is run again.
+
+    ``attributions_null.parquet`` already holds the sample's region tables under fully
+    randomised copies of each fold model (:mod:`bodyage.nulls`); the trained vectors are
+    taken on the same scans. Same output as :func:`sanity_check`, with ``source`` saying
+    where the random models came from.
+
+    Parameters
+    ----------
+    attributions
+        ``attributions.parquet`` of the trained models.
+    nulls
+        ``attributions_null.parquet`` (columns of ``attributions.parquet`` + ``null``, ``copy``).
+    measures
+        Method -> its ranking measure.
+    seed
+        Seed of the halves and of the bootstrap.
+    layer
+        The GradCAM layer, recorded.
+    """
+    from bodyage.attribute_stability import ranking_column
+
+    rand = nulls[nulls["null"] == "random_weights"].copy()
+    rand["scan"] = rand["subject_id"].astype(str) + "_" + rand["visit"].astype(str)
+    trained = attributions.assign(scan=attributions["subject_id"].astype(str) + "_" + attributions["visit"].astype(str))
+    scans = sorted(set(rand["scan"]))
+    trained = trained[trained["scan"].isin(scans)]
+    copies = sorted(int(c) for c in rand["copy"].unique())
+    regions = sorted(set(trained["region"]))
+    out: dict[str, Any] = {
+        "n_scans": len(scans),
+        "n_random": len(copies),
+        "source": "attributions_null.parquet (random_weights copies)",
+        "rule": RULE,
+        "layer": layer,
+        "regions": len(regions),
+        "methods": {},
+    }
+    half = np.random.default_rng(seed + 1).permutation(len(scans))
+    halves_ids = ([scans[i] for i in half[: len(scans) // 2]], [scans[i] for i in half[len(scans) // 2 :]])
+
+    def wide(df: pd.DataFrame, measure: str) -> pd.DataFrame:
+        if measure == "abs_density" and "abs_density" not in df.columns:
+            df = df.assign(abs_density=df["abs_mass"] / df["n_voxels"])
+        vals = ranking_column(df, measure)
+        return pd.DataFrame({"scan": df["scan"], "region": df["region"], "v": vals.to_numpy()}).pivot_table(
+            index="scan", columns="region", values="v", aggfunc="mean", dropna=False
+        )
+
+    for m, own in measures.items():
+        t_m = trained[trained["method"] == m]
+        r_m = rand[rand["method"] == m]
+        if t_m.empty or r_m.empty:
+            continue
+        vol = wide(t_m, "n_voxels").reindex(columns=regions)
+        volume = _nanmean(vol.to_numpy(dtype=float))
+        entry: dict[str, Any] = {"importance_measure": own, "by_measure": {}}
+        for s in dict.fromkeys([own, *(sanity_measures(m) if m in METHODS else [])]):
+            tw = wide(t_m, s).reindex(columns=regions)
+            t_vec = _nanmean(tw.to_numpy(dtype=float))
+            r_vecs = [
+                _nanmean(wide(r_m[r_m["copy"] == c], s).reindex(columns=regions).to_numpy(dtype=float)) for c in copies
+            ]
+            halves = None
+            if len(scans) >= 4:
+                halves = tuple(_nanmean(tw.reindex(index=h).to_numpy(dtype=float)) for h in halves_ids)
+            verdict = calibrated_verdict(t_vec, r_vecs, volume, halves=halves, seed=seed)  # type: ignore[arg-type]
+            if not verdict["passed"]:
+                verdict["warning"] = _warning(m, s, verdict)
+            entry["by_measure"][s] = verdict
+        entry.update(entry["by_measure"][own])
+        if m in METHODS and METHODS[m].level != "voxel":
             del entry["by_measure"]
         out["methods"][m] = entry
     return out

@@ -92,6 +92,7 @@ def demo(
             AttributeConfig(methods=methods, save_maps=2),
             device=device,
             nulls=NullConfig(copies=DEMO_NULL_COPIES, scans=DEMO_NULL_SCANS) if nulls else None,
+            sanity=True,  # calibrated check -> sanity.json; reuses the null models' random copies
             progress=progress,
         )
         done("attribute", t0)

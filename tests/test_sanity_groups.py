@@ -84,6 +84,37 @@ def test_per_scan_normalisation_leaves_the_old_within_scan_statistic_unchanged(r
     assert spearmanr(a, b)[0] == pytest.approx(spearmanr(a / a.sum(), b / b.max())[0])
 
 
+def _tables(rng: np.random.Generator, trained_fn, n_scans: int = 8, copies: int = 3):
+    """Long tables of a trained run and of its random-weight null copies (ablation, 20 regions)."""
+    vol = _volumes(rng)[:20]
+    rows, nrows = [], []
+    for s in range(n_scans):
+        size = vol * np.exp(rng.normal(0, 0.1, 20))
+        base = {"subject_id": f"s{s}", "visit": 0, "method": "ablation", "fold": s % 2}
+        for r in range(20):
+            rows.append({**base, "region": f"r{r:02d}", "n_voxels": size[r], "mass": trained_fn(size, r)})
+        for c in range(copies):
+            noisy = size * np.exp(rng.normal(0, 0.4, 20))
+            for r in range(20):
+                nrows.append({**base, "region": f"r{r:02d}", "n_voxels": size[r], "mass": -noisy[r],
+                              "null": "random_weights", "copy": c})  # fmt: skip
+    return pd.DataFrame(rows), pd.DataFrame(nrows)
+
+
+def test_sanity_reuses_the_null_models_random_copies(rng: np.random.Generator) -> None:
+    from bodyage.attribute_sanity import sanity_from_nulls, usable_nulls
+
+    planted = {3, 7, 11, 15}
+    attr, nulls = _tables(rng, lambda size, r: (5.0 if r in planted else 0.0) + rng.uniform(0, 1))
+    assert usable_nulls(nulls) and not usable_nulls(nulls[nulls["copy"] < 2]) and not usable_nulls(None)
+    good = sanity_from_nulls(attr, nulls, {"ablation": "abs_mass"}, seed=0)
+    assert good["n_scans"] == 8 and good["n_random"] == 3 and "random_weights" in good["source"]
+    assert good["methods"]["ablation"]["passed"], good
+    attr, nulls = _tables(rng, lambda size, r: size[r])  # importance = region size
+    bad = sanity_from_nulls(attr, nulls, {"ablation": "abs_mass"}, seed=0)["methods"]["ablation"]
+    assert not bad["passed"] and bad["rho_volume"] > 0.9 and "fails the calibrated sanity check" in bad["warning"]
+
+
 # ----------------------------------------------------------------------------- GradCAM: size vs intensive
 
 
