@@ -38,6 +38,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from bodyage.atomic import remove_stale_temps, write_json, write_with
+from bodyage.crop import CropSpec, crop_from_settings
 from bodyage.errors import InputError
 from bodyage.progress import NO_PROGRESS, Progress
 from bodyage.study import Study
@@ -57,11 +58,20 @@ class PreprocessSettings:
     percentile: float = 99.0
     body_threshold: float = 0.05
     version: int = PREPROCESS_VERSION
+    #: organ clocks: the crop and mask of :mod:`bodyage.crop` (``None``: the whole body)
+    crop: CropSpec | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crop, dict):  # read back from a checkpoint's JSON
+            object.__setattr__(self, "crop", crop_from_settings(self.crop))
 
     def key(self) -> str:
         """Short, readable cache key: grid and a hash of all settings."""
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-        return f"grid{'x'.join(map(str, self.grid))}-{digest}"
+        d = asdict(self)
+        if d["crop"] is None:
+            del d["crop"]  # whole-body keys as before crops existed
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{'crop' if self.crop else 'grid'}{'x'.join(map(str, self.grid))}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -262,6 +272,8 @@ def preprocess_scan(
                 f"scan {sid}: channel {c} is on grid {v.shape} but channel {settings.channels[0]} on {vols[0].shape}"
                 " (shape or affine differ)"
             )
+    if settings.crop is not None:
+        return _preprocess_crop(study, row, settings.channels, settings.crop, vols)
     out = np.empty((len(vols), *settings.grid), dtype=np.float16)
     scales = []
     for k, (c, v) in enumerate(zip(settings.channels, vols, strict=True)):
@@ -284,6 +296,29 @@ def preprocess_scan(
         mask = resample_labels(np.asarray(m.data), settings.grid)
     affine = grid_affine(vols[0].affine, vols[0].shape, settings.grid)
     return out, mask, affine, tuple(scales)
+
+
+def _preprocess_crop(
+    study: Study, row: pd.Series, channels: Sequence[str], crop: CropSpec, vols: list[Any]
+) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.integer], npt.NDArray[np.float64], tuple[float, ...]]:
+    """:func:`preprocess_scan` for an organ clock (:func:`bodyage.crop.preprocess_cropped`)."""
+    from bodyage.crop import preprocess_cropped
+    from bodyage.volumes import load_labels, same_grid
+
+    sid = row["scan_id"]
+    for c, v in zip(channels, vols, strict=True):
+        bad = int((~np.isfinite(np.asarray(v.data, dtype=np.float32))).sum())
+        if bad:
+            raise InputError(f"scan {sid}, channel {c}: {bad} NaN or infinite voxels")
+    if "mask" not in row.index or not isinstance(row["mask"], str) or not row["mask"]:
+        raise InputError(f"scan {sid}: no mask; a region clock needs the scan's label map")
+    try:
+        m = load_labels(study.path(row["mask"]))
+    except InputError as err:
+        raise InputError(f"scan {sid}, mask: {err}") from err
+    if not same_grid(m, vols[0], atol=1e-2):
+        raise InputError(f"scan {sid}: mask grid {m.shape} does not match the image grid {vols[0].shape}")
+    return preprocess_cropped(str(sid), vols, m, crop)
 
 
 def build_cache(

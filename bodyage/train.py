@@ -95,6 +95,9 @@ class TrainConfig:
     precision: str = "auto"
     #: permuted-label null model (:mod:`bodyage.nulls`): subjects' ages shuffled within each fold with this seed
     permute_ages_seed: int | None = None
+    #: organ clock: restrict the input to these regions or groups (:mod:`bodyage.crop`)
+    regions: tuple[str, ...] = ()
+    crop_margin_mm: float = 16.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``permute_ages_seed`` only when set, so other runs' hashes do not change)."""
@@ -104,6 +107,10 @@ class TrainConfig:
         d["grid"] = list(self.grid) if self.grid is not None else None
         d["channels"] = list(self.channels)
         d["exclude_qc"] = list(self.exclude_qc)
+        if self.regions:  # a whole-body run's hash is as before clocks existed
+            d["regions"] = list(self.regions)
+        else:
+            del d["regions"], d["crop_margin_mm"]
         return d
 
 
@@ -643,6 +650,7 @@ def train_run(
     strict: bool = False,
     progress: Progress = NO_PROGRESS,
     figures: bool = True,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train k fold models and write out-of-fold predictions (DESIGN.md §3).
 
@@ -665,6 +673,8 @@ def train_run(
         Progress display.
     figures
         Write learning curves and the predicted-vs-age scatter.
+    threads
+        CPU threads for torch (default: the machine's cores shared among the processes).
 
     Raises
     ------
@@ -682,7 +692,7 @@ def train_run(
     info = world_info()
     study = load_study(study_dir, channels=cfg.channels)
     run = Path(run_dir)
-    dev = _init_distributed(info, device)
+    dev = _init_distributed(info, device, threads)
 
     cohort = study.cohort.reset_index(drop=True)
     failures: list[dict[str, str]] = []
@@ -696,13 +706,28 @@ def train_run(
             )
         cohort = cohort[~cohort["scan_id"].isin(excluded)].reset_index(drop=True)
 
-    assign_folds(cohort, cfg.folds, cfg.seed)  # enough subjects? (checked before anything is written)
+    # folds of the whole cohort, before preprocessing failures: a scan's fold does not depend
+    # on which other scans fail, so every clock of a study shares the whole-body run's folds
+    cohort["fold"] = assign_folds(cohort, cfg.folds, cfg.seed).to_numpy()
+    crop = None
+    if cfg.regions:
+        from bodyage.crop import plan_crop, resolve_regions
+
+        if cfg.grid is not None:
+            raise InputError("--grid cannot be combined with --region: the clock's crop sets its grid")
+        regions = resolve_regions(cfg.regions, study)
+        crop = plan_crop(study, cohort, regions, margin_mm=cfg.crop_margin_mm)
+        cfg = replace(cfg, regions=regions, grid=crop.grid)
+        if cfg.precision == "auto" and dev.type == "cpu":
+            # bfloat16 batch norm on a mostly-zero masked input diverged to NaN within a few
+            # epochs (liver clock, default study); a clock's small crop is cheap in float32
+            cfg = replace(cfg, precision="fp32")
     grid = cfg.grid
     if grid is None:
         grid = _grid_of_first_readable(study, cohort, cfg.channels[0])
         cfg = replace(cfg, grid=grid)
     check_grid(cfg.model, grid, **cfg.model_kwargs)  # before the run folder exists
-    settings = PreprocessSettings(grid=grid, channels=cfg.channels)
+    settings = PreprocessSettings(grid=grid, channels=cfg.channels, crop=crop)
     config_hash = _config_hash(cfg, study.root, settings)
     if info.is_main:
         _check_run_folder(run, config_hash)
@@ -716,7 +741,12 @@ def train_run(
         {"study": str(study.root), "run": str(run), **cfg.to_dict(), "device": device, "strict": strict},
         seed=cfg.seed,
         inputs={"cohort": study.root / "cohort.csv"},
-        extra={"study": str(study.root.resolve()), "config_hash": config_hash, "world_size": info.world_size},
+        extra={
+            "study": str(study.root.resolve()),
+            "config_hash": config_hash,
+            "world_size": info.world_size,
+            **({"regions": list(cfg.regions), "crop": crop.to_dict()} if crop is not None else {}),
+        },
     )
     if info.is_main:
         write_record(run / RUN_FILE, record)
@@ -732,7 +762,8 @@ def train_run(
             raise InputError(f"{f['reason']} (--strict stops at the first bad scan)")
         failures.append({str(k): str(v) for k, v in f.items()})
     cohort = cohort[cohort["scan_id"].isin(list(cache.scans))].reset_index(drop=True)
-    cohort["fold"] = assign_folds(cohort, cfg.folds, cfg.seed).to_numpy()
+    if cohort.empty:
+        raise StudyError(f"no scan could be preprocessed; the first reason: {failures[0]['reason']}")
 
     ages = cohort["age"].to_numpy(dtype=float)
     if cfg.permute_ages_seed is not None:
@@ -777,6 +808,8 @@ def train_run(
             age_sd=age_sd,
             config_hash=config_hash,
             default_layer=MODELS[cfg.model].default_layer,
+            regions=list(cfg.regions),
+            crop=crop.to_dict() if crop is not None else None,
         )
         best, history = _train_fold(k, cfg, hp, data, ages, train_idx, val_idx, models_dir, dev, info, progress)
         all_history += history
@@ -873,14 +906,14 @@ def _metrics(preds: pd.DataFrame, study: Study) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- torchrun
 
 
-def _init_distributed(info: WorldInfo, device: str) -> torch.device:
+def _init_distributed(info: WorldInfo, device: str, threads: int | None = None) -> torch.device:
     import torch
 
     from bodyage.device import resolve_device
 
     dev = resolve_device(device, info.local_rank)
     if dev.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // info.world_size))
     if info.distributed:
         import torch.distributed as dist
 

@@ -14,6 +14,7 @@ from bodyage import __version__
 from cli import (
     cmd_attribute,
     cmd_bench,
+    cmd_clocks,
     cmd_cohort,
     cmd_compare,
     cmd_demo,
@@ -67,6 +68,7 @@ app.add_typer(cmd_cohort.app, name="cohort")
 app.command("qc")(cmd_qc.qc)
 app.command("segment")(cmd_segment.segment)
 app.command("train")(cmd_train.train)
+app.command("clocks")(cmd_clocks.clocks)
 app.command("attribute")(cmd_attribute.attribute)
 app.command("stats")(cmd_stats.stats)
 app.command("compare")(cmd_compare.compare)

@@ -62,6 +62,13 @@ def train(
     strict: Annotated[
         bool, typer.Option("--strict", help="Stop at the first unreadable scan instead of listing it.")
     ] = False,
+    region: Annotated[
+        Optional[str],
+        typer.Option(
+            "--region",
+            help="Organ clock: restrict the input to these regions or groups (comma list, e.g. liver or kidney).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Train a k-fold 3D CNN age regressor with out-of-fold predictions."""
@@ -96,6 +103,7 @@ def train(
         lr=lr,
         exclude_qc=flags,
         precision=precision,
+        regions=tuple(r.strip() for r in region.split(",")) if region is not None else (),
     )
     with progress_display() as progress:
         result = train_run(study, run, cfg, device=device, cache_dir=cache, strict=strict, progress=progress)

@@ -1,0 +1,143 @@
+"""Time ``bodyage clocks`` on a study and record each clock's accuracy -> ``docs/results/clocks_run.json``.
+
+Run from the repository root on a study made by ``bodyage simulate`` (the default scenario)::
+
+    bodyage simulate STUDY
+    OMP_NUM_THREADS=2 python reports/clocks_run.py STUDY --out CLOCKS --set quick --threads 2
+
+The JSON names the command, the bodyage version and git revision (and whether the working
+tree had uncommitted changes), the machine (CPUs, load average before and after, threads)
+and, per clock, its grid, wall minutes (from its run.json), n, MAE, the mean-age baseline's
+MAE, Pearson r and the informative flag. A resumed folder's minutes are those of the last
+invocation, so measure into a new ``--out``.
+
+``--collect`` trains nothing: it records the runs of ``--out`` that have finished (the organ
+clocks are trained before the whole body), for a measurement cut short; the JSON then says
+``"complete": false`` and which runs are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results" / "clocks_run.json"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurement; write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--set", default="quick")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=OUT)
+    parser.add_argument("--collect", action="store_true", help="record the finished runs of --out; train nothing")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from bodyage import __version__
+    from bodyage.clocks import WHOLE_BODY, _summary, read_clock_set, run_clocks
+    from bodyage.train import TrainConfig
+
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    entries = read_clock_set(args.set)
+    if args.collect:
+        names = [*entries, WHOLE_BODY]
+        done = [n for n in names if (args.out / n / "metrics.json").is_file()]
+        summaries = {n: _summary(args.out / n, entries.get(n, ())) for n in done}
+        missing = [n for n in names if n not in done]
+        members = None
+        minutes = None
+    else:
+        result = run_clocks(
+            args.study,
+            args.out,
+            entries,
+            TrainConfig(folds=args.folds, epochs=args.epochs),
+            threads=args.threads,
+            figures=False,
+        )
+        summaries, missing, members = result.clocks, [], result.overall_members
+        minutes = round((time.perf_counter() - started) / 60.0, 2)
+    rows: list[list[Any]] = []
+    clocks: dict[str, Any] = {}
+    for name, c in summaries.items():
+        record = json.loads((args.out / name / "run.json").read_text())
+        entry = {
+            "grid": c["grid"],
+            "minutes": record.get("minutes"),
+            "n": c["n"],
+            "mae": round(c["mae"], 2),
+            "baseline_mae": round(c["baseline_mae"], 2),
+            "pearson_r": round(c["pearson_r"], 3),
+            "informative": c["informative"],
+        }
+        clocks[name] = entry
+        grid = "×".join(str(g) for g in c["grid"]) if c["grid"] else ""
+        rows.append(
+            [
+                name,
+                grid,
+                entry["minutes"],
+                entry["n"],
+                entry["mae"],
+                entry["baseline_mae"],
+                entry["pearson_r"],
+                "yes" if c["informative"] else "no",
+            ]
+        )
+    doc = {
+        "command": f"bodyage clocks STUDY --out DIR --set {args.set} --folds {args.folds} --epochs {args.epochs}"
+        + (f" --threads {args.threads}" if args.threads else ""),
+        "bodyage": __version__,
+        "git_revision": _git("rev-parse", "--short", "HEAD"),
+        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "torch": torch.__version__,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "threads": args.threads,
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "set": args.set,
+        "complete": not missing,
+        "missing_runs": missing,
+        "minutes": minutes,
+        "minutes_of_finished_runs": round(sum(c["minutes"] or 0.0 for c in clocks.values()), 2),
+        "overall_gap_clocks": members,
+        "clocks": clocks,
+        "table": {
+            "columns": ["clock", "grid", "minutes", "n", "MAE (y)", "baseline MAE (y)", "Pearson r", "informative"],
+            "rows": rows,
+        },
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"{doc['minutes_of_finished_runs']} min in finished runs; missing {missing}; {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
