@@ -533,6 +533,7 @@ def attribute_run(
     cache_dir: str | os.PathLike[str] | None = None,
     sanity: bool = False,
     sanity_scans: int = 16,
+    runs: Sequence[str | os.PathLike[str]] = (),
     nulls: NullConfig | None = None,
     scan_ids: Sequence[str] | None = None,
     progress: Progress = NO_PROGRESS,
@@ -553,6 +554,10 @@ def attribute_run(
         Also run the model-randomisation check and write ``sanity.json``.
     sanity_scans
         Scans in the sanity check's sample.
+    runs
+        Other training runs (seeds) of the same study, already attributed: region
+        importance with intervals over runs -> ``attribution_stability_runs.csv`` and
+        ``run_stability`` in ``attribution_recovery.json``.
     nulls
         Also explain the scans under null models (:mod:`bodyage.nulls`) and write
         ``attributions_null.parquet`` and ``attribution_nulls.csv``.
@@ -604,6 +609,7 @@ def attribute_run(
             "device": device,
             "sanity": sanity,
             "sanity_scans": sanity_scans,
+            "runs": [str(r) for r in runs],
             "nulls": asdict(nulls) if nulls is not None else None,
         },
         seed=cfg.seed,
@@ -777,6 +783,13 @@ def attribute_run(
     write_with(run / STABILITY, partial(stab_table.to_csv, index=False))
     for m, summary in stab.items():
         recovery["methods"][m]["stability"] = summary
+    if runs:
+        from bodyage.attribute_stability import RUN_STABILITY, runs_stability
+
+        runs_table, runs_stab = runs_stability(attributions, runs, recovery["importance_measure"], ks)
+        write_with(run / RUN_STABILITY, partial(runs_table.to_csv, index=False))
+        for m, summary in runs_stab.items():
+            recovery["methods"][m]["run_stability"] = summary
     write_json(run / RECOVERY, recovery)
     null_counts = None
     if null_table is not None:

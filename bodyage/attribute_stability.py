@@ -22,7 +22,10 @@ No torch here: the functions work on ``attributions.parquet``.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -161,3 +164,56 @@ def stability_tables(
         summaries[method] = summary
     out = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(STABILITY_COLUMNS))
     return out, summaries
+
+
+#: file of the per-region intervals over several training runs (``attribute --runs``)
+RUN_STABILITY = "attribution_stability_runs.csv"
+
+
+def runs_stability(
+    attributions: pd.DataFrame,
+    others: Sequence[str | os.PathLike[str]],
+    measures: dict[str, str],
+    ks: dict[str, int] | None = None,
+) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """Importance over several training runs (other seeds) of the same study, with rank stability.
+
+    Each run's cohort importance is the mean over all its scans (every scan by its own
+    fold model); the table and summary are those of :func:`fold_stability` with runs in
+    place of folds (``n_folds``, ``fold_min``, ``fold_max`` renamed ``n_runs``,
+    ``run_min``, ``run_max``). This run is run 0, ``others`` follow.
+
+    Parameters
+    ----------
+    attributions
+        This run's ``attributions.parquet``.
+    others
+        Other run folders, each already explained by ``bodyage attribute``.
+    measures
+        Method -> ranking measure.
+    ks
+        Method -> k of the top-k Jaccard.
+
+    Raises
+    ------
+    InputError
+        An other run without ``attributions.parquet``, or without a method of this run.
+    """
+    from bodyage.errors import InputError
+
+    tables = [attributions.assign(fold=0)]
+    for i, other in enumerate(others, start=1):
+        path = Path(other) / "attributions.parquet"
+        if not path.is_file():
+            raise InputError(f"--runs: {path} not found; run `bodyage attribute` on {other} first")
+        df = pd.read_parquet(path)
+        missing = sorted(set(measures) - set(df["method"]))
+        if missing:
+            raise InputError(f"--runs: {path} has no {', '.join(missing)} rows; attribute it with the same --method")
+        tables.append(df.assign(fold=i))
+    table, summaries = stability_tables(pd.concat(tables, ignore_index=True), measures, ks)
+    table = table.rename(columns={"n_folds": "n_runs", "fold_min": "run_min", "fold_max": "run_max"})
+    for s in summaries.values():
+        s["n_runs"] = s.pop("n_folds")
+        s["runs"] = [Path(r).name for r in others]
+    return table, summaries

@@ -47,6 +47,14 @@ def attribute(
         typer.Option("--sanity", help="Calibrated randomisation check (cohort level, 3 random models) -> sanity.json."),
     ] = False,
     sanity_scans: Annotated[int, typer.Option("--sanity-scans", help="Scans in the sanity check's sample.")] = 16,
+    runs: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--runs",
+            help="Other training runs (seeds) of the same study, already attributed, repeatable: importance with "
+            "intervals over runs -> attribution_stability_runs.csv.",
+        ),
+    ] = None,
     groups: Annotated[
         bool, typer.Option("--groups", help="Also write attributions_groups.parquet (kidney = left + right, ...).")
     ] = False,
@@ -119,6 +127,7 @@ def attribute(
             cache_dir=cache,
             sanity=sanity,
             sanity_scans=sanity_scans,
+            runs=tuple(runs or ()),
             nulls=NullConfig(copies=null_copies, permuted=use_permuted, scans=null_scans) if nulls else None,
             progress=progress,
         )

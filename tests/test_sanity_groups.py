@@ -290,3 +290,27 @@ def test_attribute_writes_calibrated_sanity_joint_groups_and_stability(
     assert rec["methods"]["ablation"]["stability"]["n_folds"] == 2
     assert 0.0 <= rec["methods"]["ablation"]["stability"]["kendall_w"] <= 1.0
     assert (run / "figures" / "attribution_regions_gradcam.png").is_file()
+
+
+def test_runs_stability_gives_intervals_over_training_runs(tmp_path: Path) -> None:
+    from bodyage.attribute_stability import runs_stability
+
+    def table(values: list[float]) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"subject_id": "s", "visit": 0, "method": "ablation", "region": list("abc"), "fold": 0, "mass": values}
+        )
+
+    others = []
+    for i, vals in enumerate(([2.0, 1.0, 0.5], [4.0, 0.5, 1.0])):
+        (tmp_path / f"seed{i}").mkdir()
+        table(vals).to_parquet(tmp_path / f"seed{i}" / "attributions.parquet")
+        others.append(tmp_path / f"seed{i}")
+    out, summary = runs_stability(table([3.0, 2.0, 1.0]), others, {"ablation": "abs_mass"}, {"ablation": 1})
+    a = out.set_index("region").loc["a"]
+    assert a["importance"] == pytest.approx(3.0) and (a["run_min"], a["run_max"], a["n_runs"]) == (2.0, 4.0, 3)
+    s = summary["ablation"]
+    assert s["n_runs"] == 3 and s["runs"] == ["seed0", "seed1"] and s["top_k_jaccard_values"] == [1.0, 1.0, 1.0]
+    with pytest.raises(InputError, match=r"--runs: .*attributions\.parquet not found"):
+        runs_stability(table([1.0, 2.0, 3.0]), [tmp_path / "nope"], {"ablation": "abs_mass"})
+    with pytest.raises(InputError, match="has no gradcam rows"):
+        runs_stability(table([1.0, 2.0, 3.0]), others, {"ablation": "abs_mass", "gradcam": "abs_mass"})
