@@ -294,6 +294,7 @@ def explain_random_copies(
     import torch
 
     from bodyage.attribute import _scan_frames, explain_batch, voxel_ml
+    from bodyage.attribution import scan_values
 
     run = inputs.run
     folders = {(c, m): copy_dir(run, c, m, fingerprints[m], cfg.seed) for c in range(nulls.copies) for m in cfg.methods}
@@ -330,8 +331,6 @@ def explain_random_copies(
                     model, x, lab, methods, cfg=cfg, layer=layer, n_labels=n_labels, age_sd=age_sd, means=means
                 )
                 for m, res in results.items():
-                    from bodyage.attribution import scan_values
-
                     frames = _scan_frames(m, sub, scan_values(res, lab, n_labels), ids, names, vml)
                     for i, sid in enumerate(sids):
                         if sid in pending[(c, m)]:
