@@ -4,16 +4,12 @@ Usage: python reports/harness_floors.py [--study DIR | --scenario NAME_OR_YAML -
                                         [--previous-default] [--workers 2]
 
 Simulates a study (or reads one) and scores, against ``truth.json``'s ``region_information``
-(precision@k as ``recovery.json`` does, k = regions with information > 0), the rankings
-DESIGN.md §6 names as floors, all read from the images and masks at the native grid:
-
-- ``volume``: mean region volume;
-- ``volume_intensity``: mean summed signal (water + fat) of the region;
-- ``signal_spread``: between-scan spread of the region's mean signal, the larger of the SD of
-  its mean fat fraction and the coefficient of variation of its mean water signal (both
-  also reported alone as ``spread_fat_fraction`` and ``spread_water``);
-- ``univariate_screen``: the largest |Spearman ρ| with age of the region's mean fat
-  fraction, mean water signal or volume.
+(precision@k as ``recovery.json`` does, k = regions with information > 0), the floors of
+DESIGN.md §6 exactly as ``recovery.json`` computes them (:func:`bodyage.floors.floor_scores`
+on :func:`bodyage.region_signals.region_signals`: volume, volume × intensity, signal spread,
+univariate screen), and three more rankings under ``extra``: the SD of the mean fat
+fraction alone, the coefficient of variation of the mean water signal alone, and a texture
+screen (|ρ| with age of the within-region fat-fraction SD at the model grid).
 
 It also prints, per planted region, those correlations and two statistics at the default
 model grid (block means over the factor of ``auto_grid``): the within-region SD of the
@@ -36,7 +32,9 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from analysis.recovery import method_recovery
+from bodyage.floors import floor_scores
 from bodyage.preprocess import auto_grid
+from bodyage.region_signals import region_signals
 from bodyage.scenario import load_scenario
 from bodyage.simulate import simulate_study
 from bodyage.study import load_study
@@ -127,7 +125,6 @@ def floors(root: Path) -> dict[str, Any]:
         ff = stack["fat"] / (stack["water"] + stack["fat"])
         water = stack["water"] / count
         volume = np.where(count > 0, count * voxel_ml, np.nan)
-        signal = stack["water"] + stack["fat"]
     ff[count == 0] = np.nan
     water[count == 0] = np.nan
     spread_ff = np.nanstd(ff, axis=0)
@@ -140,23 +137,24 @@ def floors(root: Path) -> dict[str, Any]:
         "texture_cv": np.array([_rho(stack["texture_cv"][:, j], age) for j in range(len(regions))]),
         "elongation": np.array([_rho(stack["elong"][:, j], age) for j in range(len(regions))]),
     }
-    rankings = {
-        "volume": np.nanmean(volume, axis=0),
-        "volume_intensity": np.nanmean(signal, axis=0),
-        "signal_spread": np.maximum(spread_ff, spread_w),
+    extra = {
         "spread_fat_fraction": spread_ff,
-        "spread_water": spread_w,
-        "univariate_screen": np.max(np.abs([rho["fat_fraction"], rho["water"], rho["volume"]]), axis=0),
+        "spread_water_cv": spread_w,
         "texture_screen": np.abs(rho["texture_sd"]),
     }
     out: dict[str, Any] = {"scenario": truth.get("scenario_name"), "n_scans": len(age), "model_grid": list(model_grid)}
     out["k"] = sum(v > 0 for v in info.values())
     out["chance"] = out["k"] / int(present.sum())
+    signals, skipped = region_signals(root)
+    out["scans_skipped"] = len(skipped)
     out["floors"] = {}
-    for name, score in rankings.items():
-        imp = pd.Series(score, index=regions)[present]
-        rec = method_recovery(imp, info)
+    for name, series in floor_scores(signals).items():
+        rec = method_recovery(series.dropna(), info)
         out["floors"][name] = {"precision_at_k": rec["precision_at_k"], "top_regions": rec["top_regions"]}
+    out["extra"] = {}
+    for name, score in extra.items():
+        rec = method_recovery(pd.Series(score, index=regions)[present], info)
+        out["extra"][name] = {"precision_at_k": rec["precision_at_k"], "top_regions": rec["top_regions"]}
     effects = truth.get("effects", {})
     out["planted"] = {
         r: {"effects": effects.get(r), "information": round(info[r], 4)}

@@ -378,7 +378,15 @@ def test_nuisance_variance_in_every_region() -> None:
     unclipped = [r for j, r in enumerate(regions) if (ff[:, j] <= 0.0021).mean() < 0.01]
     assert len(unclipped) >= 30 and {"liver", "pancreas", "autochthon_left", "femur_left"} <= set(unclipped)
     assert np.allclose(logit_sd[unclipped], sc.nuisance.fat_fraction_sd, rtol=0.06)
-    assert np.allclose(np.log(p.water_signal).std(axis=0), sc.nuisance.water_signal_sd, rtol=0.05)
+    fat_ageing = {a.region for a in sc.ageing if a.effect == "fat_fraction"}
+    plain = [j for j, r in enumerate(regions) if r not in fat_ageing]
+    assert np.allclose(np.log(p.water_signal[:, plain]).std(axis=0), sc.nuisance.water_signal_sd, rtol=0.05)
+    # where the fat fraction ages, the water channel (1 - ff) * water spreads as in a like tissue,
+    # on the scale of the signal-spread floor: SD of mean water over the mean of water + fat
+    water = (1 - ff) * p.water_signal
+    channel = pd.Series(water.std(axis=0) / (water + ff).mean(axis=0), index=regions)
+    assert channel[sorted(fat_ageing)].max() <= channel[["gluteus_medius_left", "skeletal_muscle"]].min() * 1.02
+    assert channel[sorted(fat_ageing)].min() >= channel[["gluteus_medius_left", "skeletal_muscle"]].min() * 0.95
     assert np.allclose(np.log(p.volume_factor).std(axis=0), sc.nuisance.volume_sd, rtol=0.05)
     # planted regions get less age-independent variation: ageing fills the rest
     col = {r: j for j, r in enumerate(regions)}

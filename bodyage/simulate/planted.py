@@ -236,7 +236,9 @@ def nuisance_sd(scenario: Scenario, regions: Sequence[str]) -> Array:
     log water signal, log volume factor, texture heterogeneity, log shape stretch). What
     planted ageing and phenotype accelerations already contribute (measured on a fixed
     sample of :data:`NUISANCE_SAMPLE` subjects) is subtracted in variance, so every region
-    varies by the same amount whether it ages or not. Where ageing alone exceeds the
+    varies by the same amount whether it ages or not. For the water signal that is the
+    water channel's change, ``(1 − ff) · water``: a region whose fat fraction ages has its
+    water channel moved by ageing as well. Where ageing alone exceeds the
     total, the age-independent SD is 0.
     """
     nuis = scenario.nuisance
@@ -253,7 +255,8 @@ def nuisance_sd(scenario: Scenario, regions: Sequence[str]) -> Array:
     ageing_sd = np.stack(
         [
             np.log(ff / (1.0 - ff)).std(axis=0),
-            np.log(p.water_signal).std(axis=0),
+            # the water channel: a planted fat-fraction change moves it too, through 1 - ff
+            np.log((1.0 - ff) * p.water_signal).std(axis=0),
             np.log(p.volume_factor).std(axis=0),
             p.texture_cv().std(axis=0),
             np.log(p.shape_stretch()).std(axis=0),
