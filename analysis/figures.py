@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis.latex import stars
 from analysis.regionmodels import WHOLE_BODY
-from bodyage.regions import display_name
+from bodyage.region_names import display_name
 
 #: resolution of the PNG copies
 PNG_DPI = 200

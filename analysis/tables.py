@@ -30,7 +30,7 @@ from analysis.fdr import family_text
 from analysis.latex import Column, LatexTable, write_latex
 from analysis.notes import summarise_warnings
 from analysis.regionmodels import WHOLE_BODY
-from bodyage.regions import display_name
+from bodyage.region_names import display_name
 
 #: most rows a LaTeX table shows (a page)
 MAX_TEX_ROWS = 30

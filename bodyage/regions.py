@@ -4,8 +4,9 @@ Names and ids come from TotalSegmentator's own class maps (``total_mr`` ids 1–
 their ids; the tissue classes of ``tissue_types_mr`` get ids 51–53), read from
 :mod:`totalsegmentator.map_to_binary`, which imports neither torch nor weights, or from the
 copy in :mod:`bodyage.ts_classes` when TotalSegmentator is not installed. This module
-itself imports nothing heavy, so :mod:`analysis` can use the groups, kinds and
-:func:`display_name`.
+itself imports nothing heavy, so :mod:`analysis` can use the groups and kinds;
+:func:`display_name` lives in :mod:`bodyage.region_names`, which the layer contract lets
+:mod:`analysis` import (this module reaches TotalSegmentator's class map inside a function).
 
 A study's ``labels.json`` is always the authority for that study: use
 :func:`LabelTable.from_json` to read it.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from bodyage.errors import InputError, quoted
+from bodyage.region_names import display_name as display_name  # re-exported: the names users read
 
 #: TotalSegmentator task whose classes keep their ids (1–50)
 ORGAN_TASK = "total_mr"
@@ -113,34 +115,6 @@ def group_of(name: str) -> str:
         if name in members and (best is None or len(members) < len(REGION_GROUPS[best])):
             best = group
     return best if best is not None else name
-
-
-#: side suffixes of region names and how they read: ``kidney_left`` -> ``kidney (left)``
-_SIDES: tuple[str, ...] = ("left", "right")
-
-
-def display_name(region: str) -> str:
-    """The readable name of a region for figures and LaTeX tables.
-
-    Underscores become spaces and a side suffix becomes a parenthesis:
-    ``gluteus_maximus_left`` -> ``gluteus maximus (left)``, ``portal_vein_and_splenic_vein``
-    -> ``portal vein and splenic vein``. Names without underscores are returned unchanged.
-    Tables on disk (CSV, parquet) keep the raw names; only what a person reads uses this.
-
-    Parameters
-    ----------
-    region
-        A region name as in ``labels.json`` (or a group name of :data:`REGION_GROUPS`).
-
-    Returns
-    -------
-    str
-        The name to print.
-    """
-    stem, _, side = region.rpartition("_")
-    if stem and side in _SIDES:
-        return f"{stem.replace('_', ' ')} ({side})"
-    return region.replace("_", " ")
 
 
 @dataclass(frozen=True)
