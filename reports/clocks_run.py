@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from bodyage.train import TrainConfig
 
     load_before = os.getloadavg()
+    revision = _git("rev-parse", "--short", "HEAD")  # the code that runs: read before it runs
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     started = time.perf_counter()
     entries = read_clock_set(args.set)
     if args.collect:
@@ -122,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": f"bodyage clocks STUDY --out DIR --set {args.set} --folds {args.folds} --epochs {args.epochs}"
         + (f" --threads {args.threads}" if args.threads else ""),
         "bodyage": __version__,
-        "git_revision": _git("rev-parse", "--short", "HEAD"),
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_revision": revision,
+        "uncommitted_changes": dirty,
         "torch": torch.__version__,
         "machine": {
             "cpus": os.cpu_count(),
