@@ -76,6 +76,11 @@ BAND_COLUMNS: tuple[str, ...] = (
     "null_high",
     "trained_minus_null",
     "above_band",
+    "trained_share",
+    "null_share_mean",
+    "null_share_low",
+    "null_share_high",
+    "above_share_band",
 )
 #: quantiles of the band over copies
 BAND_QUANTILES = (0.025, 0.975)
@@ -384,6 +389,15 @@ def merge_nulls(
     return out.reset_index(drop=True)
 
 
+def _band(vals: npt.NDArray[np.float64]) -> tuple[int, float, float, float]:
+    """Copies with a value, their mean and the 2.5–97.5 % quantiles (NaN without values)."""
+    vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        return 0, np.nan, np.nan, np.nan
+    low, high = (float(q) for q in np.quantile(vals, BAND_QUANTILES))
+    return len(vals), float(vals.mean()), low, high
+
+
 def null_bands(
     attributions: pd.DataFrame,
     null_table: pd.DataFrame,
@@ -395,38 +409,51 @@ def null_bands(
     computed for the trained model and for each null copy alike (a cohort mean over the
     scans each explains). ``null_low``/``null_high`` are the 2.5 and 97.5 % quantiles over
     copies (with one copy, the permuted-label model's, the band is that value);
-    ``above_band``: the trained importance exceeds ``null_high``.
+    ``above_band``: the trained importance exceeds ``null_high`` (the rule of
+    ``clears_nulls`` in the recovery).
+
+    The ``*_share`` columns compare profiles instead of magnitudes: each model's
+    importance divided by its sum over the regions, so a model whose output barely moves
+    (a random copy; a permuted-label model predicting near the mean age) is not "below"
+    every region of the trained model for its scale alone. ``above_share_band``: the
+    region takes a larger part of the trained model's importance than the null's 97.5 %.
     """
     from bodyage.attribute import region_importance
 
     rows: list[dict[str, Any]] = []
     for m, measure in measures.items():
         trained = region_importance(attributions, m, measure)
+        trained_share = trained / trained.sum()
         for kind in NULL_KINDS:
             sub = null_table[null_table["null"] == kind]
             copies = sorted(int(c) for c in sub["copy"].unique())
             if not copies or not (sub["method"] == m).any():
                 continue
             per_copy = pd.DataFrame({c: region_importance(sub[sub["copy"] == c], m, measure) for c in copies})
+            per_copy = per_copy.reindex(trained.index)
+            shares = per_copy / per_copy.sum(axis=0)
             for region in trained.index:
-                vals = per_copy.loc[region].to_numpy(dtype=float) if region in per_copy.index else np.array([np.nan])
-                vals = vals[np.isfinite(vals)]
-                mean = float(vals.mean()) if len(vals) else np.nan
-                low, high = (float(q) for q in np.quantile(vals, BAND_QUANTILES)) if len(vals) else (np.nan, np.nan)
-                t = float(trained[region])
+                n, mean, low, high = _band(per_copy.loc[region].to_numpy(dtype=float))
+                _, s_mean, s_low, s_high = _band(shares.loc[region].to_numpy(dtype=float))
+                t, ts = float(trained[region]), float(trained_share[region])
                 rows.append(
                     {
                         "method": m,
                         "region": region,
                         "importance_measure": measure,
                         "null": kind,
-                        "n_copies": len(vals),
+                        "n_copies": n,
                         "trained": t,
                         "null_mean": mean,
                         "null_low": low,
                         "null_high": high,
                         "trained_minus_null": t - mean,
-                        "above_band": bool(len(vals) and t > high),
+                        "above_band": bool(n and t > high),
+                        "trained_share": ts,
+                        "null_share_mean": s_mean,
+                        "null_share_low": s_low,
+                        "null_share_high": s_high,
+                        "above_share_band": bool(n and ts > s_high),
                     }
                 )
     return pd.DataFrame(rows, columns=list(BAND_COLUMNS))

@@ -2,6 +2,7 @@
 
 Usage: python reports/nulls_results.py [--subjects 80] [--folds 2] [--epochs 4] [--copies 3]
                                        [--null-scans 100] [--work DIR] [--out docs/results/nulls.json]
+       python reports/nulls_results.py --bands-only --work DIR   (recount the bands of DIR's run)
 
 Simulates the default scenario, trains, and runs ``attribute`` with the nulls the demo runs
 (:mod:`bodyage.nulls`: randomised-weight copies of each fold model on a sample of scans, and
@@ -26,6 +27,31 @@ from pathlib import Path
 from typing import Any
 
 
+def band_counts(run: Path) -> dict[str, Any]:
+    """Per method and null kind: regions above the band by magnitude and by share (``attribution_nulls.csv``)."""
+    import pandas as pd
+
+    from bodyage.nulls import NULL_ATTRIBUTIONS, null_bands
+
+    recovery = json.loads((run / "attribution_recovery.json").read_text())
+    bands = null_bands(
+        pd.read_parquet(run / "attributions.parquet"),
+        pd.read_parquet(run / NULL_ATTRIBUTIONS),
+        recovery["importance_measure"],
+    )
+    out: dict[str, Any] = {}
+    for (m, kind), grp in bands.groupby(["method", "null"]):
+        out.setdefault(str(m), {})[str(kind)] = {
+            "regions": len(grp),
+            "above_band": int(grp["above_band"].sum()),
+            "above_share_band": int(grp["above_share_band"].sum()),
+        }
+    for m, grp in bands.groupby("method"):
+        every = grp.groupby("region")["above_share_band"].all()
+        out[str(m)]["above_every_share_band"] = sorted(str(r) for r in every.index[every.to_numpy()])
+    return out
+
+
 def main() -> None:
     """Simulate, train, attribute with the nulls; write the JSON file."""
     from bodyage.attribute import AttributeConfig, attribute_run
@@ -41,10 +67,17 @@ def main() -> None:
     ap.add_argument("--null-scans", type=int, default=100)
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=Path("docs/results/nulls.json"))
+    ap.add_argument("--bands-only", action="store_true", help="only recount the bands of --work's finished run")
     args = ap.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="nulls-"))
     study, run = work / "study", work / "run"
+    if args.bands_only:
+        out = json.loads(args.out.read_text(encoding="utf-8"))
+        out["bands"] = band_counts(run)
+        args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps(out["bands"], indent=1))
+        return
     load_start = os.getloadavg()
     if not (study / "cohort.csv").is_file():
         simulate_study(study, scenario="default", subjects=args.subjects)
@@ -101,6 +134,7 @@ def main() -> None:
             round(cost["permuted_train"]["cpu"] / train_cost["cpu"], 2) if train_cost["cpu"] else None
         ),
         "methods": methods,
+        "bands": band_counts(run),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

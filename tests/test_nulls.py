@@ -24,6 +24,7 @@ from bodyage.nulls import (
     PERMUTED_RUN,
     NullConfig,
     check_nulls,
+    null_bands,
     permute_ages,
     random_copy,
 )
@@ -233,3 +234,35 @@ def test_the_permuted_model_is_refused_under_torchrun_before_any_work() -> None:
     with pytest.raises(InputError, match=r"--permuted cannot run under torchrun \(WORLD_SIZE=2\)"):
         check_nulls(NullConfig(), world_size=2)
     check_nulls(NullConfig(permuted=False), world_size=2)
+
+
+def test_the_share_band_compares_profiles_not_magnitudes() -> None:
+    # a null with the trained profile at 1/100 of its scale (a model whose output barely moves):
+    # every region is above its band by magnitude, none by share
+    regions = ["liver", "spleen", "torso_fat"]
+    trained_mass = {"liver": 4.0, "spleen": 1.0, "torso_fat": 3.0}
+
+    def rows(scale: float, **extra: object) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "subject_id": "s1",
+                "visit": 0,
+                "method": "ablation",
+                "region": regions,
+                "fold": 0,
+                "mass": [trained_mass[r] * scale for r in regions],
+                **extra,
+            }
+        )
+
+    trained = rows(1.0)
+    nulls = pd.concat([rows(0.01 * (1 + c / 10), null="random_weights", copy=c) for c in range(3)])
+    bands = null_bands(trained, nulls, {"ablation": "abs_mass"}).set_index("region")
+    assert list(bands.columns) == list(BAND_COLUMNS[:1] + BAND_COLUMNS[2:])
+    assert bands["above_band"].all() and not bands["above_share_band"].any()
+    np.testing.assert_allclose(bands["trained_share"].sum(), 1.0)
+    np.testing.assert_allclose(bands.loc["liver", "trained_share"], 0.5)
+    np.testing.assert_allclose(bands.loc["liver", "null_share_mean"], 0.5)
+    want = np.quantile([4.0 * 0.01, 4.0 * 0.011, 4.0 * 0.012], [0.025, 0.975])
+    np.testing.assert_allclose(bands.loc["liver", ["null_low", "null_high"]].to_numpy(dtype=float), want)
+    assert (bands["n_copies"] == 3).all()
