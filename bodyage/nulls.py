@@ -502,3 +502,48 @@ def null_summary(bands: pd.DataFrame) -> dict[str, dict[str, dict[str, int]]]:
     for (m, kind), grp in bands.groupby(["method", "null"], sort=False):
         out.setdefault(str(m), {})[str(kind)] = {"above": int(grp["above_band"].sum()), "regions": len(grp)}
     return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+#: colour and vertical offset of each null kind's band in :func:`draw_null_bands`
+BAND_STYLE: dict[str, tuple[str, float]] = {"random_weights": ("#1f77b4", -0.18), "permuted_labels": ("#d62728", 0.18)}
+
+
+def null_band_on_trained_scale(bands: pd.DataFrame, method: str, kind: str) -> pd.DataFrame:
+    """A null's share band in the trained model's units: ``low``, ``mean``, ``high`` per region.
+
+    Each share is multiplied by the trained model's total importance over the regions:
+    the importance a region would have if the trained model spread its importance like
+    the null. Bars of the trained importance can then carry the band on their own axis,
+    which raw null values (a copy whose output barely moves) cannot.
+    """
+    sub = bands[(bands["method"] == method) & (bands["null"] == kind)].set_index("region")
+    total = float(sub["trained"].sum())
+    return pd.DataFrame(
+        {
+            "low": sub["null_share_low"] * total,
+            "mean": sub["null_share_mean"] * total,
+            "high": sub["null_share_high"] * total,
+        }
+    )
+
+
+def draw_null_bands(ax: Any, bands: pd.DataFrame, method: str, regions: Sequence[str]) -> list[str]:
+    """Overlay each null's band on a horizontal bar chart of regions (``regions`` in bar order, bottom up).
+
+    Draws, per null kind, a line from the 2.5 to the 97.5 % share band and a dot at its mean
+    (:func:`null_band_on_trained_scale`), just above or below each bar. Returns the legend
+    labels of the kinds drawn. Needs no matplotlib import: only ``ax.hlines`` and ``ax.plot``.
+    """
+    drawn = []
+    y = np.arange(len(regions), dtype=float)
+    for kind, (colour, dy) in BAND_STYLE.items():
+        if not ((bands["method"] == method) & (bands["null"] == kind)).any():
+            continue
+        band = null_band_on_trained_scale(bands, method, kind).reindex(list(regions))
+        label = f"{kind.replace('_', ' ')} null: 2.5–97.5 % of copies (share × trained total)"
+        ax.hlines(y + dy, band["low"], band["high"], colors=colour, linewidth=1.2, label=label)
+        ax.plot(band["mean"], y + dy, "o", color=colour, markersize=2)
+        drawn.append(label)
+    return drawn

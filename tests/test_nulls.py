@@ -24,6 +24,8 @@ from bodyage.nulls import (
     PERMUTED_RUN,
     NullConfig,
     check_nulls,
+    draw_null_bands,
+    null_band_on_trained_scale,
     null_bands,
     permute_ages,
     random_copy,
@@ -266,3 +268,21 @@ def test_the_share_band_compares_profiles_not_magnitudes() -> None:
     want = np.quantile([4.0 * 0.01, 4.0 * 0.011, 4.0 * 0.012], [0.025, 0.975])
     np.testing.assert_allclose(bands.loc["liver", ["null_low", "null_high"]].to_numpy(dtype=float), want)
     assert (bands["n_copies"] == 3).all()
+
+
+def test_the_null_band_overlay_is_drawn_on_the_trained_scale(null_run: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bands = pd.read_csv(null_run / NULL_BANDS)
+    band = null_band_on_trained_scale(bands, "gradcam", "random_weights")
+    sub = bands[(bands["method"] == "gradcam") & (bands["null"] == "random_weights")].set_index("region")
+    np.testing.assert_allclose(band["mean"], sub["null_share_mean"] * sub["trained"].sum())
+    regions = list(sub.sort_values("trained").index)
+    fig, ax = plt.subplots()
+    ax.barh(np.arange(len(regions)), sub.loc[regions, "trained"])
+    labels = draw_null_bands(ax, bands, "gradcam", regions)
+    assert len(labels) == 2 and len(ax.collections) == 2  # one band per null kind
+    plt.close(fig)
