@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         run_minutes = float(record.get("minutes") or 0.0)
         log = pd.read_csv(args.out / name / "training_log.csv")
         train_minutes = float(log["seconds"].sum()) / 60.0
-        epochs_run = log.groupby("fold")["epoch"].max().add(1).mean()
-        # the training part scales with the epochs; preprocessing and prediction do not
-        full = run_minutes - train_minutes + train_minutes * args.full_epochs / float(epochs_run)
+        # the training part scales with the epochs asked (early stopping would end a longer run
+        # as early); preprocessing and prediction do not scale
+        full = run_minutes - train_minutes + train_minutes * max(1.0, args.full_epochs / args.epochs)
         entry = {
             "grid": c["grid"],
             "minutes": round(run_minutes, 2),
@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "threads": args.threads,
-            "load_before": [round(x, 2) for x in load_before],
-            "load_after": [round(x, 2) for x in os.getloadavg()],
+            # --collect measures nothing: the load of the runs themselves is unknown then
+            "load_before": None if args.collect else [round(x, 2) for x in load_before],
+            "load_after": None if args.collect else [round(x, 2) for x in os.getloadavg()],
         },
         "set": args.set,
         "complete": not missing,
@@ -160,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         },
     }
+    if args.collect and args.json.is_file():
+        # re-recording a measured run (e.g. after a change to this script's arithmetic): keep
+        # what only the measuring invocation knew (load, revision, wall time)
+        old = json.loads(args.json.read_text())
+        if old.get("command") == doc["command"]:
+            for key in ("git_revision", "uncommitted_changes", "machine", "minutes", "overall_gap_clocks"):
+                doc[key] = old.get(key, doc[key])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{doc['minutes_of_finished_runs']} min in finished runs; missing {missing}; {args.json}")
