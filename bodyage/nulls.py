@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,8 +198,11 @@ def permute_ages(cohort: pd.DataFrame, seed: int) -> npt.NDArray[np.float64]:
     return np.array([new_base[s] + (a - base[s]) for s, a in zip(subj, age, strict=True)])
 
 
-def train_config_of(run: Path, *, permute_seed: int | None) -> tuple[str, Any]:
-    """The study and :class:`~bodyage.train.TrainConfig` recorded in ``run/run.json``."""
+def train_config_of(run: Path) -> tuple[str, Any]:
+    """The study and :class:`~bodyage.train.TrainConfig` of ``run/run.json``, ages permuted with its seed.
+
+    An organ clock's recorded grid is the one its crop made: left to the crop again.
+    """
     from bodyage.train import TrainConfig
 
     path = run / "run.json"
@@ -216,25 +219,28 @@ def train_config_of(run: Path, *, permute_seed: int | None) -> tuple[str, Any]:
         if f.name in args and f.name != "permute_ages_seed":
             v = args[f.name]
             kwargs[f.name] = tuple(v) if isinstance(v, list) else v
-    return str(study), TrainConfig(**kwargs, permute_ages_seed=permute_seed)
+    if kwargs.get("regions"):
+        kwargs["grid"] = None
+    cfg = TrainConfig(**kwargs)
+    return str(study), replace(cfg, permute_ages_seed=cfg.seed)
 
 
 def permuted_model(
     run: Path,
     *,
-    seed: int,
     device: str,
     cache_dir: str | os.PathLike[str] | None,
     progress: Progress = NO_PROGRESS,
 ) -> Path:
     """Train (or resume) the permuted-label model of ``run``; returns its run folder.
 
-    Same study, folds and settings as the trained run; the ages are permuted with ``seed``
-    (:func:`permute_ages`).
+    Same study, folds and settings as the trained run; the ages are permuted
+    (:func:`permute_ages`) with the run's training seed, so the permuted-label model
+    belongs to the trained run, whatever the attribution's ``--seed``.
     """
     from bodyage.train import train_run
 
-    study, cfg = train_config_of(run, permute_seed=seed)
+    study, cfg = train_config_of(run)
     out = run / PERMUTED_RUN
     train_run(study, out, cfg, device=device, cache_dir=cache_dir, progress=progress, figures=False)
     return out

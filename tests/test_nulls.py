@@ -194,6 +194,18 @@ def test_resume_after_a_kill_gives_identical_null_tables(null_run: Path, tmp_pat
     pd.testing.assert_frame_equal(pd.read_csv(run / NULL_BANDS), pd.read_csv(null_run / NULL_BANDS))
 
 
+def test_another_attribution_seed_reuses_the_permuted_model(null_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(null_run, run)
+    model = run / PERMUTED_RUN / "models" / "fold0.pt"
+    before = model.stat().st_mtime_ns
+    cfg = AttributeConfig(methods=("gradcam",), figures=False, batch_size=4, seed=1)
+    attribute_run(run, cfg, cache_dir=null_run.parent / "cache", nulls=NullConfig(copies=1, scans=4))
+    assert model.stat().st_mtime_ns == before  # the trained run's permuted-label model, not a new one
+    table = pd.read_parquet(run / NULL_ATTRIBUTIONS)
+    assert table[["subject_id", "visit"]].drop_duplicates().shape[0] == 4
+
+
 def test_a_scan_sample_and_the_cli_options(null_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(null_run, run, ignore=shutil.ignore_patterns("attribute", "attributions*", "nulls"))
