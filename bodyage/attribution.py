@@ -25,7 +25,7 @@ batch of scans and returns values in **years** (the output scaled by the fold's 
         Removes what the region's *mean signal* says about this scan (its fat fraction or
         water signal against the cohort's) and nothing else, so the image stays as close
         to a real scan as an intensity ablation can. Chosen as the default on evidence
-        (README "attribute"): on the default synthetic study it ranked the planted
+        (docs/history.md, "Attribution"): on the default synthetic study it ranked the planted
         regions at least as well as ``mean`` in every training draw we ran (better in two
         of four) and, unlike ``mean``, passes the weight-randomisation check. It cannot remove what a region's **size
         or shape** says: the mask stays, so the model still sees where the boundary is
@@ -105,7 +105,7 @@ class MethodSpec:
     default
         Run when no ``--method`` is given.
     description
-        One line for ``--help`` and the README.
+        One line for ``--help`` and the docs.
     """
 
     name: AttributionMethod
@@ -117,7 +117,7 @@ class MethodSpec:
 
 #: the registry: ``--method`` choices, their level and how their regions are ranked.
 #: Voxel methods rank regions by the mean over scans of ``|mass|`` (the absolute value of
-#: the region's signed sum), chosen on the default study (README "attribute"): at the
+#: the region's signed sum), chosen on the default study (docs/history.md, "Attribution"): at the
 #: default layer it found 5 of the 8 planted regions against 3 by ``share`` (which sums
 #: |map| and so rewards big regions whose signs cancel), 4 by ``density`` and 3 by
 #: ``enrichment`` (both dominated by small regions catching their neighbours' values).

@@ -696,7 +696,7 @@ def run_bench(
     workdir: str | os.PathLike[str] | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> dict[str, Any]:
-    """Run every stage and return the report ``bodyage bench`` prints (see the README for the keys).
+    """Run every stage and return the report ``bodyage bench`` prints (see docs/guide/bench.md for the keys).
 
     Parameters
     ----------

@@ -33,7 +33,7 @@ class ModelSpec:
 
     ``default_layer`` is ``block1`` (full resolution) for both models: on the default
     synthetic study GradCAM ranked the planted regions best there (precision@8 0.625 by
-    mean ``|mass|`` at block1 against 0.25–0.375 at block2–block4; README "attribute").
+    mean ``|mass|`` at block1 against 0.25–0.375 at block2–block4; docs/history.md, "Attribution").
     """
 
     name: str

@@ -66,7 +66,7 @@ class TaskSpec:
     name
         TotalSegmentator task name.
     default_channel
-        Image channel fed by default (see the README: the water image for organs and
+        Image channel fed by default (see docs/guide/segment.md: the water image for organs and
         muscles, the fat image for the fat classes).
     id_offset
         Added to the task's class ids in the study's combined map (DESIGN.md §3).

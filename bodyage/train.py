@@ -70,7 +70,7 @@ class TrainConfig:
     """Everything that determines a training run (hashed; a resumed run must match).
 
     The defaults are chosen for the default synthetic study on a 2-core CPU (see the
-    README's "Training" section for how they were chosen); on UK Biobank data with a GPU,
+    "Training" section of docs/history.md for how they were chosen); on UK Biobank data with a GPU,
     use a finer ``grid`` and more ``epochs``.
     """
 

@@ -21,7 +21,7 @@ chunk into one row per (participant, instance) before the next is read, so memor
 bounded by the chunk size and the participants kept, not by the export. UTF-8 with or
 without a byte-order mark, plain or ``.gz``/``.bz2``/``.xz``.
 
-Conventions (each is a decision; see the README section "Real data: UK Biobank"):
+Conventions (each is a decision; see docs/guide/cohort.md):
 
 - **Negative codes are missing.** UK Biobank codes "do not know" (-1), "prefer not to
   answer" (-3), "none of the above" (-7), "less than one" (-10), ... as negative

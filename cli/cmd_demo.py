@@ -179,6 +179,6 @@ def _summary(
         lines.append(f"  maps of two scans (NIfTI for ITK-SNAP/3D Slicer, PNG): {maps}")
     lines.append(
         "  on real data, `bodyage segment` (TotalSegmentator) makes the organ masks the simulation provides here; "
-        "see the README's walk-through"
+        "see docs/guide/ukbiobank.md"
     )
     return lines

@@ -6,7 +6,7 @@ none of whose model voxels lies wholly inside it only ever appears mixed with it
 neighbours, so "the model uses this region" cannot be told apart from "the model uses
 its neighbours": a planted effect there is below what the grid resolves.
 
-Rule (documented in the README, "Synthetic cohort"): a model voxel is *interior* to a
+Rule (documented in docs/guide/simulate.md): a model voxel is *interior* to a
 region when every image voxel it averages belongs to that region (integer factors; for
 other factors, when it and its six neighbours carry the region's label after majority
 resampling). ``interior_voxels`` is the median over scans; a region is resolvable when
