@@ -415,7 +415,7 @@ def _zip_ok(path: Path) -> bool:
 @pytest.mark.skipif(
     not weights_available(("total_mr",), fast=True),
     reason="TotalSegmentator total_mr --fast weights not found in TOTALSEG_WEIGHTS_PATH / TOTALSEG_HOME_DIR "
-    "(see README: Segmentation, the weights test)",
+    "(see docs/guide/segment.md, the test that needs real weights)",
 )
 def test_real_totalsegmentator_on_a_small_simulated_scan(tmp_path: Path, no_network: list[Any]) -> None:
     from conftest import tiny_scenario
