@@ -70,7 +70,7 @@ def stats(
         typer.Option(
             "--fdr-family",
             help="Tests one Benjamini-Hochberg correction of the region analyses spans: method (every region x "
-            "phenotype of a method, DESIGN §7), phenotype (the regions of each method x phenotype; FDR then holds "
+            "phenotype of a method), phenotype (the regions of each method x phenotype; FDR then holds "
             "per phenotype only) or all (every method x region x phenotype together; fewer discoveries).",
         ),
     ] = "method",
