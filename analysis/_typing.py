@@ -32,9 +32,9 @@ MIXED_ENGINES: tuple[MixedEngine, ...] = ("auto", "statsmodels", "reml")
 FDR_FAMILIES: tuple[FdrFamily, ...] = ("method", "phenotype", "all")
 
 #: attribution methods that score whole regions; their ``mass`` is a change in predicted
-#: age in years (DESIGN.md §3), so signed ``mass`` is their default importance (DESIGN.md §7)
+#: age in years (docs/design.md §3), so signed ``mass`` is their default importance (docs/design.md §7)
 REGION_LEVEL_METHODS: tuple[AttributionMethod, ...] = ("ablation", "shapley")
-#: how each attribution method ranks regions for recovery (DESIGN.md §6): a mirror of the
+#: how each attribution method ranks regions for recovery (docs/design.md §6): a mirror of the
 #: ``importance_measure`` of :data:`bodyage.attribution.METHODS`, which analysis cannot
 #: import (it imports torch inside functions); a test keeps them equal
 METHOD_IMPORTANCE_MEASURES: dict[str, ImportanceMeasure] = {

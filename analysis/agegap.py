@@ -1,7 +1,7 @@
 """The age gap and its bias correction; accuracy of the age predictions.
 
 The gap (predicted minus chronological age) of a regressor that shrinks towards the
-mean age is negatively correlated with age. DESIGN.md §7 corrects it with a linear fit
+mean age is negatively correlated with age. docs/design.md §7 corrects it with a linear fit
 made on held-out predictions and applied out of sample. Four choices
 (:data:`analysis._typing.GAP_CORRECTIONS`):
 
@@ -18,7 +18,7 @@ made on held-out predictions and applied out of sample. Four choices
 ``none``
     The uncorrected gap.
 
-Downstream models keep age and age² as covariates whatever the choice (DESIGN.md §7).
+Downstream models keep age and age² as covariates whatever the choice (docs/design.md §7).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def synthetic_run(
     n_sites: int = 4,
     seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Draw cohort, predictions and attributions tables of the DESIGN.md §3 schema."""
+    """Draw cohort, predictions and attributions tables of the docs/design.md §3 schema."""
     rng = np.random.default_rng(seed)
     subjects = np.array([f"{i:07d}" for i in range(n_subjects)])
     repeat = rng.random(n_subjects) < repeat_fraction

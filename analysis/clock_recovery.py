@@ -1,4 +1,4 @@
-"""Recovery of the planted organ ageing by the organ clocks (``DIR/clock_recovery.json``, DESIGN.md §8).
+"""Recovery of the planted organ ageing by the organ clocks (``DIR/clock_recovery.json``, docs/design.md §8).
 
 On a simulated study every scan's region has a planted biological age
 (``STUDY/truth.parquet``: ``subject_id``, ``visit``, ``region``, ``age``,

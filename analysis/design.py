@@ -1,6 +1,6 @@
 """Design matrices built column by column from checked names: no formula sees user text.
 
-DESIGN.md §4 asks that phenotype and covariate names be checked against the cohort
+docs/design.md §4 asks that phenotype and covariate names be checked against the cohort
 before they reach a model. This module goes one step further: the models of this
 package take numeric matrices built here, so no user-supplied name is ever parsed by
 patsy/formulaic. A name only ever selects a column after :func:`check_columns` found it.
@@ -8,7 +8,7 @@ patsy/formulaic. A name only ever selects a column after :func:`check_columns` f
 Coding:
 
 - ``age`` becomes two columns, ``age`` (years, centred on the cohort mean) and
-  ``age^2`` (the square of the centred age): DESIGN.md §7 keeps age and age² as
+  ``age^2`` (the square of the centred age): docs/design.md §7 keeps age and age² as
   covariates of every downstream model.
 - ``sex`` becomes ``sex[M]`` (1 for men, 0 for women).
 - numeric and boolean columns are used as they are; other columns are categorical,
@@ -35,9 +35,9 @@ from bodyage.errors import InputError
 
 FloatArray = npt.NDArray[np.float64]
 
-#: covariates used when the caller gives none (DESIGN.md §4)
+#: covariates used when the caller gives none (docs/design.md §4)
 DEFAULT_COVARIATES: tuple[str, ...] = ("age", "sex")
-#: the grouping column used when the caller gives none (DESIGN.md §4)
+#: the grouping column used when the caller gives none (docs/design.md §4)
 DEFAULT_GROUP = "site"
 
 #: exclusion reasons (keys of :attr:`Design.exclusions`); a covariate's key is ``MISSING_COVARIATE + name``

@@ -5,7 +5,7 @@ phenotype is its own family, so under the complete null the chance that *some* f
 reports a region grows with the number of families. The families of the region analyses
 (:data:`analysis._typing.FDR_FAMILIES`):
 
-``method`` (default, DESIGN.md §7)
+``method`` (default, docs/design.md §7)
     every region × phenotype of one attribution method;
 ``phenotype``
     the regions of one method × phenotype: one phenotype's many discoveries cannot loosen

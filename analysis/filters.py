@@ -1,4 +1,4 @@
-"""The restricted filter grammar of ``--cohort`` and ``--reference`` (DESIGN.md §4).
+"""The restricted filter grammar of ``--cohort`` and ``--reference`` (docs/design.md §4).
 
 User text is tokenised and parsed here, never passed to ``eval``, ``DataFrame.query``
 or a formula. Grammar::

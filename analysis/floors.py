@@ -1,4 +1,4 @@
-"""Floors and nulls beside every method of ``recovery.json`` (DESIGN.md §6), and their texts.
+"""Floors and nulls beside every method of ``recovery.json`` (docs/design.md §6), and their texts.
 
 The rankings and bands are defined in :mod:`bodyage.floors` (shared with the attribution
 step's ``attribution_recovery.json``); this module finds their inputs in a run folder:

@@ -1,4 +1,4 @@
-"""Statistics on organ age gaps (DESIGN.md §8): a clocks folder's gaps against the phenotypes.
+"""Statistics on organ age gaps (docs/design.md §8): a clocks folder's gaps against the phenotypes.
 
 ``bodyage clocks STUDY --out DIR`` trains one age model per organ set (a *clock*) and
 writes ``DIR/organ_ages.parquet`` (one row per scan × clock: ``age_gap_corrected`` and
@@ -55,7 +55,7 @@ from bodyage.accuracy import pearson_ci, prediction_metrics
 from bodyage.errors import BodyageWarning, InputError, RunError
 from bodyage.progress import NO_PROGRESS, Progress
 
-#: files of a clocks folder (DESIGN.md §8)
+#: files of a clocks folder (docs/design.md §8)
 CLOCKS_FILE = "clocks.json"
 ORGAN_AGES_FILE = "organ_ages.parquet"
 OVERALL_GAP_FILE = "overall_gap.parquet"

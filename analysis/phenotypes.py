@@ -1,4 +1,4 @@
-"""Phenotype models of the corrected age gap (DESIGN.md §7).
+"""Phenotype models of the corrected age gap (docs/design.md §7).
 
 ``gap ~ phenotype + age + age² + sex`` for each phenotype alone, and one joint model with
 every phenotype, fitted by REML with random intercepts (:mod:`analysis.mixed`).
@@ -135,7 +135,7 @@ def resolve_phenotypes(tables: RunTables, phenotypes: Sequence[str] | None) -> l
 
     Given names are checked strictly: each must be a numeric, non-constant column with a
     value somewhere. With ``None``, every non-reserved cohort column is a candidate
-    (DESIGN.md §4); candidates that fail the same checks are skipped with one warning.
+    (docs/design.md §4); candidates that fail the same checks are skipped with one warning.
 
     Raises
     ------
@@ -185,7 +185,7 @@ def resolve_covariates(
     """Return the coded covariate columns and the covariate names used.
 
     The defaults (age, which brings age², and sex) come first unless ``default_covariates``
-    is false; given covariates are added to them, never replace them (DESIGN.md §7 keeps
+    is false; given covariates are added to them, never replace them (docs/design.md §7 keeps
     age in every gap model: replacing it let a phenotype correlated with age stand in for
     the age bias of an uncorrected gap). A default that is constant (e.g. sex in a one-sex
     cohort) is left out with a warning; given covariates are checked strictly.
@@ -292,7 +292,7 @@ def phenotype_models(
     run
         Run tables or a run folder.
     phenotypes
-        Phenotype columns; ``None``: every non-reserved cohort column (DESIGN.md §4).
+        Phenotype columns; ``None``: every non-reserved cohort column (docs/design.md §4).
     covariates
         Covariate columns added to the defaults (:func:`resolve_covariates`). ``age`` brings ``age²``.
     default_covariates

@@ -1,7 +1,7 @@
-"""Validation on planted truth (DESIGN.md §6): does the pipeline find the ageing we planted.
+"""Validation on planted truth (docs/design.md §6): does the pipeline find the ageing we planted.
 
 :func:`recovery` compares a run on a simulated study with the study's ``truth.json`` and
-returns the dictionary ``report`` writes to ``RUN/recovery.json`` (the keys of DESIGN.md
+returns the dictionary ``report`` writes to ``RUN/recovery.json`` (the keys of docs/design.md
 §6 are a contract; more are added):
 
 ``mae``, ``oracle_mae``, ``mae_ratio``
@@ -27,7 +27,7 @@ returns the dictionary ``report`` writes to ``RUN/recovery.json`` (the keys of D
     ``planted_regions`` and ``significant_regions[<method>]`` (region models at FDR
     ``alpha``).
 ``goals``
-    The goals of DESIGN.md §6, each with its target, value and ``met``.
+    The goals of docs/design.md §6, each with its target, value and ``met``.
 
 Region importance (:func:`region_importance`) is the mean over scans of ``|mass|`` for
 region-level methods (``ablation``, ``shapley``), whose signed values cancel between young
@@ -350,7 +350,7 @@ def recovery(
     measures: Mapping[str, str] | None = None,
     alpha: float = ALPHA,
 ) -> dict[str, Any]:
-    """Compare a run with the planted truth of its simulated study (DESIGN.md §6).
+    """Compare a run with the planted truth of its simulated study (docs/design.md §6).
 
     Parameters
     ----------
@@ -492,8 +492,8 @@ def _num(row: pd.Series | None, key: str) -> float | None:
 
 #: the margin by which the best region method must beat the floors and its permuted-label null
 GOAL_MARGIN = 0.25
-#: the goals of DESIGN.md §6 on the default scenario (wave 2): name -> description. GradCAM has
-#: no precision goal (DESIGN.md §6: only once it clears its null)
+#: the goals of docs/design.md §6 on the default scenario (wave 2): name -> description. GradCAM has
+#: no precision goal (docs/design.md §6: only once it clears its null)
 GOALS: dict[str, str] = {
     "mae_ratio": "MAE / oracle MAE <= 1.55",
     "region_method_beats_floors": "best region-level method: precision@k >= largest model-free floor + 0.25",

@@ -1,4 +1,4 @@
-"""Joint region model: which regions a phenotype shifts beyond the whole-body effect (DESIGN.md §7).
+"""Joint region model: which regions a phenotype shifts beyond the whole-body effect (docs/design.md §7).
 
 The question is "does the phenotype move region *r*'s importance more (or less) than it
 moves the rest of the body?". Its estimand here, per method, phenotype and region:

@@ -1,4 +1,4 @@
-"""Region models: how phenotypes shift organ-level attribution (DESIGN.md §7).
+"""Region models: how phenotypes shift organ-level attribution (docs/design.md §7).
 
 Three analyses of the importance of each region (one column of ``attributions.parquet``,
 :func:`analysis._typing.default_metric`: signed ``mass`` in years for ``ablation`` and
@@ -6,7 +6,7 @@ Three analyses of the importance of each region (one column of ``attributions.pa
 
 :func:`region_models`
     ``importance_r ~ phenotype + age + age² + sex + site`` for every region × phenotype,
-    Benjamini–Hochberg FDR over regions × phenotypes within each method (DESIGN.md §7;
+    Benjamini–Hochberg FDR over regions × phenotypes within each method (docs/design.md §7;
     ``fdr_family="phenotype"``: over the regions of each method × phenotype; ``"all"``:
     over every method × region × phenotype, see :mod:`analysis.fdr`). Sites enter as
     fixed effects (indicators); with repeat visits the standard errors are cluster-robust
@@ -139,7 +139,7 @@ def group_regions(attributions: pd.DataFrame, grouping: Callable[[str], str]) ->
     Parameters
     ----------
     attributions
-        Long table (DESIGN.md §3).
+        Long table (docs/design.md §3).
     grouping
         Region name -> group name, e.g. :func:`bodyage.regions.group_of`.
     """
@@ -236,7 +236,7 @@ def region_models(
     alpha
         FDR level of the ``significant`` column.
     fdr_family
-        The tests one Benjamini–Hochberg correction spans: ``"method"`` (default, DESIGN.md
+        The tests one Benjamini–Hochberg correction spans: ``"method"`` (default, docs/design.md
         §7), every region × phenotype of a method; ``"phenotype"``, the regions of each
         method × phenotype, so one phenotype's many discoveries (an anatomy-driven one such
         as BMI) do not loosen the threshold of another's tests (but the FDR then holds per

@@ -11,7 +11,7 @@ relative to the run folder, so a thesis writer can lift any table or figure out 
 ``compare/<name>/``
     the tables and figures of each ``bodyage compare``;
 ``recovery.json`` + ``recovery.tex``
-    on a simulated study (``STUDY/truth.json``): the validation of DESIGN.md §6
+    on a simulated study (``STUDY/truth.json``): the validation of docs/design.md §6
     (:func:`analysis.recovery.recovery`), also written to ``RUN/recovery.json``;
 ``report.tex``
     an ``article`` that ``\input``\ s every table and includes every figure with a

@@ -1,4 +1,4 @@
-"""The tables of a run folder (DESIGN.md §3), loaded, checked and joined.
+"""The tables of a run folder (docs/design.md §3), loaded, checked and joined.
 
 :func:`load_run` reads ``RUN/run.json`` (for the study path), ``predictions.parquet``,
 ``attributions.parquet`` (optional) and the study's ``cohort.csv``, checks that they fit
@@ -43,7 +43,7 @@ LABELS_FILE = "labels.json"
 STATS_DIR = "stats"
 FIGURES_DIR = "figures"
 
-#: columns of ``predictions.parquet`` (DESIGN.md §3)
+#: columns of ``predictions.parquet`` (docs/design.md §3)
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "subject_id",
     "visit",
@@ -53,7 +53,7 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "age_gap",
     "age_gap_corrected",
 )
-#: columns of ``attributions.parquet`` (DESIGN.md §3)
+#: columns of ``attributions.parquet`` (docs/design.md §3)
 ATTRIBUTION_COLUMNS: tuple[str, ...] = (
     "subject_id",
     "visit",
@@ -134,7 +134,7 @@ class RunTables:
         Parameters
         ----------
         cohort, predictions, attributions
-            Tables with the columns of DESIGN.md §3.
+            Tables with the columns of docs/design.md §3.
         sources
             Names used in error messages for ``"cohort"``, ``"predictions"`` and
             ``"attributions"`` (file paths when loaded from disk).
@@ -204,7 +204,7 @@ class RunTables:
         return bool(self.predictions["subject_id"].duplicated().any())
 
     def phenotype_columns(self) -> list[str]:
-        """Cohort columns that are phenotypes: every column that is not reserved (DESIGN.md §4)."""
+        """Cohort columns that are phenotypes: every column that is not reserved (docs/design.md §4)."""
         reserved = set(RESERVED_COLUMNS) | set(self.channels)
         return [c for c in self.cohort.columns if c not in reserved]
 

@@ -1,4 +1,4 @@
-"""``bodyage stats RUN``: every analysis of DESIGN.md §7, written to ``RUN/stats`` and ``RUN/figures``.
+"""``bodyage stats RUN``: every analysis of docs/design.md §7, written to ``RUN/stats`` and ``RUN/figures``.
 
 :func:`run_stats` is the one library call of the command. Output file names are stable
 (``report`` inputs every ``.tex`` of ``RUN/stats`` and includes every figure of
@@ -139,7 +139,7 @@ def run_stats(
     out: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> StatsResult:
-    """Run every statistic of DESIGN.md §7 and write tables, LaTeX and figures.
+    """Run every statistic of docs/design.md §7 and write tables, LaTeX and figures.
 
     Parameters
     ----------

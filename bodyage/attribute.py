@@ -5,7 +5,7 @@
 its subject, on exactly the tensors training saw (the run's preprocessing cache), and
 writes, in ``RUN/``:
 
-- ``attributions.parquet``: one row per scan × method × region (DESIGN.md §3): ``fold``,
+- ``attributions.parquet``: one row per scan × method × region (docs/design.md §3): ``fold``,
   ``n_voxels``, ``volume_ml`` (on the model grid), ``mass``, ``abs_mass``, ``share``,
   ``density``, ``enrichment``, ``abs_density``; every value NaN where the region is absent
   from the scan. For ``ablation`` and ``shapley`` ``mass`` is the change in predicted age
@@ -23,7 +23,7 @@ writes, in ``RUN/``:
   ``abs_mass`` per axial slice, ``z_mm`` from the top of the field of view;
 - ``attribution_recovery.json``: per method its ``importance_measure`` and, on a
   simulated study, precision@k, Spearman with the planted information and agreement
-  with ``ablation`` (DESIGN.md §6);
+  with ``ablation`` (docs/design.md §6);
 - ``attribute.json``: provenance; ``failures.csv`` gains the scans that could not be
   explained (stage ``attribute``), next to those of ``train``;
 - ``figures/``: cohort figures, and with ``save_maps`` the maps of N scans under
@@ -932,7 +932,7 @@ def group_table(attributions: pd.DataFrame) -> pd.DataFrame:
 
 
 def region_importance(attributions: pd.DataFrame, method: str, measure: str | None = None) -> pd.Series:
-    """Mean importance per region over scans (DESIGN.md §6), sorted descending.
+    """Mean importance per region over scans (docs/design.md §6), sorted descending.
 
     ``abs_mass`` means the mean of ``|mass|`` and ``density`` the mean of ``|density|`` (a
     strongly negative region matters as much as a positive one); regions absent from a scan
@@ -986,7 +986,7 @@ def recovery_summary(
     *,
     run: Path | None = None,
 ) -> dict[str, Any]:
-    """Per method: importance measure, ranking, and on simulated studies precision@k (DESIGN.md §6).
+    """Per method: importance measure, ranking, and on simulated studies precision@k (docs/design.md §6).
 
     On simulated studies each method also carries what its precision@k must beat
     (:mod:`bodyage.floors`): ``floors``, ``floor_max``, ``floor_max_by``,

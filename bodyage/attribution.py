@@ -100,7 +100,7 @@ class MethodSpec:
     level
         ``voxel`` (a map over the grid) or ``region`` (one value per region).
     importance_measure
-        Column of ``attributions.parquet`` ranking regions by importance (DESIGN.md §6);
+        Column of ``attributions.parquet`` ranking regions by importance (docs/design.md §6);
         ``abs_mass`` (mean of ``|mass|``) for region-level methods.
     default
         Run when no ``--method`` is given.

@@ -3,7 +3,7 @@
 :func:`run_clocks` is the one call behind ``bodyage clocks STUDY --out DIR``. It trains the
 whole-body model (``DIR/whole_body/``) and one region-restricted model per entry of a clock
 set (``DIR/<clock>/``, :mod:`bodyage.crop`), each an ordinary run folder with the study's
-folds, then writes the tables of DESIGN.md §8:
+folds, then writes the tables of docs/design.md §8:
 
 ``organ_ages.parquet``
     One row per scan × clock (``whole_body`` included): ``subject_id, visit, fold, clock,

@@ -1,4 +1,4 @@
-"""Build a study folder (DESIGN.md §3) from a UK Biobank export and a folder of NIfTIs.
+"""Build a study folder (docs/design.md §3) from a UK Biobank export and a folder of NIfTIs.
 
 :func:`build_ukb_study` is what ``bodyage cohort ukb`` calls. It
 

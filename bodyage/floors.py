@@ -1,4 +1,4 @@
-"""What a region ranking must beat: model-free floors and null-model bands (DESIGN.md §6).
+"""What a region ranking must beat: model-free floors and null-model bands (docs/design.md §6).
 
 A precision@k means something only beside what needs no trained model. Two kinds of
 baseline, both scored exactly like the method (the caller passes its scoring function, so

@@ -1,7 +1,7 @@
 """Label maps (masks): reading, combining, checking against their image, counting, writing.
 
 A study's mask is one integer label map per scan on the grid of its images, with the ids
-of the study's ``labels.json`` (DESIGN.md §3). This module knows how to
+of the study's ``labels.json`` (docs/design.md §3). This module knows how to
 
 - read masks in the two layouts TotalSegmentator writes: one multilabel NIfTI
   (:func:`read_multilabel`) or a folder of one binary NIfTI per region
@@ -88,7 +88,7 @@ def combine_label_maps(organs: LabelArray | None, tissue: LabelArray | None, dty
     ``tissue_types_mr`` labels every voxel of fat and muscle, including the organs'
     surroundings and (for muscle) the muscles ``total_mr`` names individually; the
     individual structure is the more specific answer, so an organ label replaces a
-    tissue label wherever both are non-zero (DESIGN.md §3).
+    tissue label wherever both are non-zero (docs/design.md §3).
 
     Parameters
     ----------

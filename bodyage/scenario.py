@@ -1,6 +1,6 @@
-"""Simulation scenarios (DESIGN.md §5): parse and validate the YAML contract.
+"""Simulation scenarios (docs/design.md §5): parse and validate the YAML contract.
 
-A scenario is a YAML mapping; every key of DESIGN.md §5 is supported and nothing else is
+A scenario is a YAML mapping; every key of docs/design.md §5 is supported and nothing else is
 accepted. Each problem is one :class:`~bodyage.errors.ScenarioError` whose message names
 the key (as a dotted path) and the offending value, e.g.
 ``scenario my.yaml: sites.intensity_scale_sd must be >= 0, got -0.1``.
@@ -158,7 +158,7 @@ class Phenotype:
 
 @dataclass(frozen=True)
 class Scenario:
-    """A validated simulation scenario (see DESIGN.md §5 and ``bodyage/scenarios/default.yaml``)."""
+    """A validated simulation scenario (see docs/design.md §5 and ``bodyage/scenarios/default.yaml``)."""
 
     subjects: int = 300
     seed: int = 0

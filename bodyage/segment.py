@@ -235,7 +235,7 @@ def study_label_table(study: Study, config: SegmentConfig) -> LabelTable:
     """The label table masks are written in.
 
     ``labels.json`` is the authority when present; regions of the tasks to run that it
-    lacks are added with their combined-map ids (DESIGN.md §3) when those ids are free.
+    lacks are added with their combined-map ids (docs/design.md §3) when those ids are free.
 
     Raises
     ------
@@ -864,7 +864,7 @@ def segment_study(
     Parameters
     ----------
     study
-        Study folder (DESIGN.md §3).
+        Study folder (docs/design.md §3).
     tasks
         TotalSegmentator tasks (default ``["total_mr"]``); ``tissue_types_mr`` needs a licence.
     device

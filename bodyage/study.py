@@ -1,4 +1,4 @@
-"""The study folder (DESIGN.md §3): ``cohort.csv``, ``labels.json``, images and masks.
+"""The study folder (docs/design.md §3): ``cohort.csv``, ``labels.json``, images and masks.
 
 This module reads and validates studies with pandas only (no nibabel, no torch), so the
 statistics layer can use it. Image loading lives in :mod:`bodyage.volumes`.
@@ -113,7 +113,7 @@ class Study:
 
 
 def phenotype_columns(cohort: pd.DataFrame, channels: Sequence[str] = DEFAULT_CHANNELS) -> list[str]:
-    """Return the columns of ``cohort`` that are not reserved (DESIGN.md §4)."""
+    """Return the columns of ``cohort`` that are not reserved (docs/design.md §4)."""
     reserved = set(RESERVED_COLUMNS) | set(channels)
     return [c for c in cohort.columns if c not in reserved]
 

@@ -69,7 +69,7 @@ class TaskSpec:
         Image channel fed by default (see docs/guide/segment.md: the water image for organs and
         muscles, the fat image for the fat classes).
     id_offset
-        Added to the task's class ids in the study's combined map (DESIGN.md §3).
+        Added to the task's class ids in the study's combined map (docs/design.md §3).
     download
         Name ``totalseg_download_weights -t`` knows the task's weights by.
     download_fast

@@ -652,7 +652,7 @@ def train_run(
     figures: bool = True,
     threads: int | None = None,
 ) -> TrainResult:
-    """Train k fold models and write out-of-fold predictions (DESIGN.md §3).
+    """Train k fold models and write out-of-fold predictions (docs/design.md §3).
 
     Parameters
     ----------

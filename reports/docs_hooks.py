@@ -41,8 +41,10 @@ NOT_MEASURED = "*not measured yet*"
 #: files outside ``docs/`` that the site publishes: repository path -> site path
 PUBLISHED = {"reports/demo_overview.png": "assets/demo_overview.png"}
 
-#: a docstring's mention of the design notes, e.g. "DESIGN.md §3" or "DESIGN §7"
-DESIGN_MENTION = re.compile(r"\bDESIGN(?:\.md)?\s*(?:§|&sect;)\s*(\d+)|\bDESIGN\.md\b")
+#: a docstring's mention of the design page, e.g. "docs/design.md §3" (older: "DESIGN.md §3", "DESIGN §7")
+DESIGN_MENTION = re.compile(
+    r"(?:\bDESIGN(?:\.md)?|\bdocs/design\.md)\s*(?:§|&sect;)\s*(\d+)|\bDESIGN\.md\b|\bdocs/design\.md\b"
+)
 
 _MISSING = object()
 

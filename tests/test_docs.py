@@ -151,6 +151,8 @@ def test_design_mentions_in_docstrings_link_to_the_design_page() -> None:
     assert '<a href="../design.html#s3">design §3</a>' in out
     assert '<a href="../design.html#s7">design §7</a>' in out
     assert '<a href="../design.html">design notes</a>' in out and "DESIGNER" in out
+    newer = hooks.link_design("see docs/design.md §6.", "api/analysis.md")
+    assert newer == 'see <a href="../design.html#s6">design §6</a>.'
     sections = set(re.findall(r"\{#s(\d+)\}", (DOCS / "design.md").read_text(encoding="utf-8")))
     assert sections == {str(i) for i in range(1, 10)}
 

@@ -1,6 +1,6 @@
 """The synthetic cohort with planted ageing: the demo and the validation harness.
 
-:func:`simulate_study` writes a study folder (DESIGN.md §3) from a scenario (§5); the
+:func:`simulate_study` writes a study folder (docs/design.md §3) from a scenario (§5); the
 oracle (:mod:`bodyage.simulate.oracle`) gives the floor models are judged against.
 """
 

@@ -1,4 +1,4 @@
-"""Write a synthetic study folder (DESIGN.md §3) from a scenario.
+"""Write a synthetic study folder (docs/design.md §3) from a scenario.
 
 One call, :func:`simulate_study`, draws the cohort, renders every scan (water and fat
 NIfTI, label map), and writes ``cohort.csv``, ``labels.json``, ``truth.json``,
