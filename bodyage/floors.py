@@ -136,6 +136,12 @@ def null_band(copies: Mapping[int, pd.Series]) -> pd.Series:
     return wide.quantile(NULL_INTERVAL[1] / 100.0, axis=1)
 
 
+def as_share(importance: pd.Series) -> pd.Series:
+    """Importance as a share of the model's total over regions (NaN left out of the total)."""
+    total = float(importance.abs().sum())
+    return importance / total if total > 0 else importance * math.nan
+
+
 def clears(trained: pd.Series, band: pd.Series) -> list[str]:
     """Regions whose trained importance is strictly above the band, most important first.
 
@@ -173,9 +179,10 @@ def null_entry(
     dict
         ``nulls`` ({kind: {``precision_at_k`` (mean over copies), ``ci_low``, ``ci_high``
         (2.5th and 97.5th percentiles over copies; with one copy both equal its value),
-        ``n_copies``, ``per_copy``, ``clears``}}), ``clears_nulls`` (regions above the
-        band of every kind present) and ``beats_nulls_by`` (precision@k − the largest
-        null ``precision_at_k``). All three ``None`` when there are no null rows for the
+        ``n_copies``, ``per_copy``, ``clears``}}), ``clears_nulls`` (regions whose share of
+        the trained model's importance is above the band of the copies' shares, for every
+        kind present) and ``beats_nulls_by`` (precision@k − the largest null
+        ``precision_at_k``). All three ``None`` when there are no null rows for the
         method.
     """
     empty: dict[str, Any] = {"nulls": None, "clears_nulls": None, "beats_nulls_by": None}
@@ -192,7 +199,9 @@ def null_entry(
         precisions = [float(score(imp.dropna())) for imp in copies.values()]
         finite = [p for p in precisions if math.isfinite(p)]
         lo, hi = (float(np.percentile(finite, q)) for q in NULL_INTERVAL) if finite else (math.nan, math.nan)
-        kind_clears = clears(trained, null_band(copies))
+        # on each model's own scale (share of its total importance): a null model's output barely moves,
+        # so its raw importance is tiny everywhere and every region would clear it
+        kind_clears = clears(as_share(trained), null_band({c: as_share(v) for c, v in copies.items()}))
         out[kind] = {
             "precision_at_k": float(np.mean(finite)) if finite else math.nan,
             "ci_low": lo,

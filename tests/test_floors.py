@@ -430,3 +430,25 @@ def test_summary_shows_each_precision_beside_floors_and_nulls(tiny_study: Path, 
     assert any(baseline_text(rec) in line for line in res.summary())
     tex = (tmp_path / "rep" / "recovery.tex").read_text()
     assert "Beside: floors and nulls" in tex and "univariate screen" in tex
+
+
+def test_clears_nulls_compares_shares_not_raw_importance() -> None:
+    from bodyage.floors import null_entry
+
+    regions = ["a", "b", "c"]
+    trained = pd.Series([10.0, 1.0, 1.0], index=regions)
+    null_values = [0.01, 0.001, 0.0001]  # a null model barely moves: raw values tiny everywhere
+    rows = pd.DataFrame(
+        [
+            {"method": "ablation", "null": "random_weights", "copy": c, "region": r, "v": v * (1 + 0.01 * c)}
+            for c in range(3)
+            for r, v in zip(regions, null_values, strict=True)
+        ]
+    )
+
+    def importance(g: pd.DataFrame) -> pd.Series:
+        return g.set_index("region")["v"]
+
+    out = null_entry(rows, "ablation", trained, importance, lambda imp: 0.0)
+    # raw: every region is above the null; as shares only c (0.083 of the trained total vs 0.009)
+    assert out["clears_nulls"] == ["c"]
