@@ -56,7 +56,7 @@ def test_library_error_is_one_line_and_exit_1(tmp_path) -> None:
     )
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
-    assert lines == ["error: scenario 'nope' is neither a built-in scenario (default) nor a file"]
+    assert lines == ["error: scenario 'nope' is neither a built-in scenario (default, dev, quick) nor a file"]
     assert "Traceback" not in res.stderr
 
 
