@@ -352,9 +352,10 @@ def _batches(n: int, batch_size: int, perm: npt.NDArray[np.int64], info: WorldIn
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The reduced precision the convolutions run in, or ``None`` for float32.
 
-    ``auto``: float16 on CUDA (with loss scaling), bfloat16 on a CPU whose oneDNN has
-    bfloat16 kernels (AVX-512 BF16 or AMX; about 1.7× faster training steps on this
-    project's machine), float32 elsewhere. ``bf16``/``fp16`` ask for one explicitly,
+    ``auto``: float16 on CUDA (with loss scaling), float32 on a CPU. bfloat16 on a CPU
+    whose oneDNN has bfloat16 kernels trains about 1.7× faster per step, but it diverged to
+    NaN predictions on small grids (the quick scenario's 22×16×44, the shrunken demo, masked
+    organ-clock crops), so it is opt-in (``bf16``). ``bf16``/``fp16`` ask for one explicitly,
     ``fp32`` turns mixed precision off. The models keep their heads (global pooling and
     the linear output) in float32 either way (:mod:`bodyage.models`).
     """
@@ -368,8 +369,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
     return None
 
 
@@ -463,8 +462,10 @@ def _train_fold(
         len(train_idx) // (cfg.batch_size * info.world_size)
         + (1 if info.world_size == 1 and len(train_idx) % cfg.batch_size >= 2 else 0),
     )
+    # OneCycleLR divides by its phase lengths: fewer than ~5 steps in all (one epoch of a tiny
+    # study) raised ZeroDivisionError; a longer schedule only leaves the last steps unused
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.2
+        opt, max_lr=cfg.lr, total_steps=max(cfg.epochs * steps_per_epoch, 10), pct_start=0.2
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     mean, sd = float(hp["age_mean"]), float(hp["age_sd"])

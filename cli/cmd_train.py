@@ -46,7 +46,7 @@ def train(
         str,
         typer.Option(
             "--precision",
-            help="Convolutions in auto (fp16 on CUDA, bf16 on CPUs with bf16 kernels, else fp32), fp32, bf16 or fp16.",
+            help="Convolutions in auto (fp16 on CUDA, fp32 on a CPU), fp32, bf16 (opt-in: NaN on small grids) or fp16.",
         ),
     ] = "auto",
     exclude_qc: Annotated[

@@ -523,8 +523,7 @@ def test_reduced_precision_keeps_the_head_in_float32(model: str) -> None:
     assert autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
     assert autocast_dtype("auto", torch.device("cuda")) == torch.float16
-    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    assert autocast_dtype("auto", cpu) == expected
+    assert autocast_dtype("auto", cpu) is None  # bf16 diverged to NaN on small grids: opt-in
 
 
 def test_checkpoints_record_the_training_precision(tiny_run: Path) -> None:
