@@ -368,7 +368,8 @@ def test_saved_maps_are_anonymous_and_leave_the_background_out(
         mass = attr.query("method == 'ablation' and subject_id == @row.subject_id and visit == @row.visit")["mass"]
         painted = np.unique(amap[np.isfinite(amap)])
         assert np.isnan(amap).mean() > 0.2  # the air around the body: no value, transparent
-        np.testing.assert_allclose(painted, np.unique(mass.dropna().astype(np.float32)), rtol=1e-6)
+        # the maps' forward pass runs in another batch than the table's: float32 rounding (~1e-7 y)
+        np.testing.assert_allclose(painted, np.unique(mass.dropna().astype(np.float32)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
