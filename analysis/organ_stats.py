@@ -61,7 +61,7 @@ ORGAN_AGES_FILE = "organ_ages.parquet"
 OVERALL_GAP_FILE = "overall_gap.parquet"
 #: the clock trained on the whole body
 WHOLE_BODY_CLOCK = "whole_body"
-#: columns of ``organ_ages.parquet``
+#: columns of ``organ_ages.parquet`` (mirrors bodyage.clocks, which imports torch; a test checks they agree)
 ORGAN_AGE_COLUMNS: tuple[str, ...] = (
     "subject_id",
     "visit",

@@ -439,3 +439,11 @@ def test_report_leaves_out_stale_organ_tables(clocks_dir: Path, tmp_path: Path) 
     assert not (out / "stats" / "organ_gap_models.tex").exists()
     assert r"\input{stats/" not in (out / "report.tex").read_text()
     assert json.loads((work / "clock_recovery.json").read_text())["source"].startswith("fitted by report")
+
+
+def test_mirrored_organ_age_columns_equal_bodyage_clocks() -> None:
+    # analysis mirrors the column contract instead of importing bodyage.clocks (the DL stack)
+    from analysis.organ_stats import ORGAN_AGE_COLUMNS as mirrored
+    from bodyage.clocks import ORGAN_AGE_COLUMNS
+
+    assert tuple(mirrored) == tuple(ORGAN_AGE_COLUMNS)
