@@ -2,10 +2,12 @@
 
 Cohort figures (``RUN/figures/``, PDF and PNG):
 
-- ``attribution_regions_<method>``: region importance, the mean over the fold models
-  (each explains its own test scans) with the min–max over folds as the interval (the
-  model's variance, which dominates; not per-scan standard errors), regions sorted,
-  coloured by kind (organ, muscle, fat, bone, vessel, ...);
+- ``attribution_regions_<method>``: each region's share of the importance (percent of the
+  total over regions), the mean over the fold models (each explains its own test scans)
+  with the min–max over folds, or over training runs with ``--runs``, as the interval (the
+  model's variance, which dominates; not per-scan standard errors), and behind it the null
+  models' bands of the same share (``attribution_nulls.csv``); regions sorted, coloured by
+  kind (organ, muscle, fat, bone, vessel, ...), those above every null's band in bold;
 - ``attribution_slices_<method>``: mean attribution mass per axial slice along the body
   with a 95% band, the youngest and oldest age tertiles overlaid, and the z-extent of
   each region drawn alongside, so a reader sees which body level drives the prediction.
@@ -91,40 +93,120 @@ def _importance_values(attributions: pd.DataFrame, method: str, measure: str) ->
 
 
 def region_figure(
-    attributions: pd.DataFrame, method: str, measure: str, folder: Path, *, baseline: str | None = None
+    attributions: pd.DataFrame,
+    method: str,
+    measure: str,
+    folder: Path,
+    *,
+    baseline: str | None = None,
+    bands: pd.DataFrame | None = None,
+    runs: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """Region importance over the fold models (mean, min–max whiskers), sorted, coloured by kind.
+    """Region importance as a share of the model's total, with its interval and the null bands behind it.
 
-    Each fold model explains its own test scans, so the whiskers show how much a re-trained
-    model moves a region (:mod:`bodyage.attribute_stability`); with one fold there are none.
-    Region methods name their baseline.
+    The bars are each region's part of the total importance over the regions
+    (:mod:`bodyage.attribute_stability`'s ``share``), in percent, sorted and coloured by
+    kind; the whiskers are the min–max over the fold models (each explains its own test
+    scans, so they show how much a re-trained model moves a region) or, with ``runs``,
+    over the training runs. Behind each bar, every null model's band of the same share
+    (:func:`bodyage.nulls.draw_null_bands`): the part of the total a region takes in models
+    that learned nothing about age. Regions above the share band of every null (the
+    recovery's ``clears_nulls``) are written in bold. Shares, not raw values, because a
+    null model's output barely moves: its raw importance is below every trained region
+    for its scale alone. Without nulls the figure says none was run.
+
+    Parameters
+    ----------
+    attributions
+        ``attributions.parquet``.
+    method, measure
+        The method and its ranking measure.
+    folder
+        Where the PDF and PNG go.
+    baseline
+        The ablation baseline, named in the title of region methods.
+    bands
+        ``attribution_nulls.csv`` (``None``: no null was run).
+    runs
+        ``attribution_stability_runs.csv``'s rows of this method (``--runs``), or ``None``.
     """
-    from bodyage.attribute_stability import fold_stability
-    from bodyage.regions import display_name, region_kind
-
     plt = _plt()
-    table, summary = fold_stability(attributions, method, measure)
-    stats = table.set_index("region").sort_values("importance")
-    n_folds = int(summary["n_folds"])
-    fig, ax = plt.subplots(figsize=(6.0, max(3.0, 0.16 * len(stats) + 1.0)))
-    colours = [KIND_COLOURS.get(region_kind(str(r)), "#666666") for r in stats.index]
-    err = None
-    if n_folds > 1:
-        lo = (stats["importance"] - stats["fold_min"]).clip(lower=0).fillna(0)
-        hi = (stats["fold_max"] - stats["importance"]).clip(lower=0).fillna(0)
-        err = np.vstack([lo.to_numpy(), hi.to_numpy()])
-    ax.barh(np.arange(len(stats)), stats["importance"], xerr=err, color=colours, ecolor="#333333")
-    ax.set_yticks(np.arange(len(stats)), [display_name(str(r)) for r in stats.index], fontsize=6.5)
-    ax.set_xlabel(measure_label(method, measure))
-    what = baseline_label(method, baseline) if baseline and METHODS[method].level == "region" else method
-    interval = f"min–max over {n_folds} fold models" if n_folds > 1 else "one fold model: no interval"
-    ax.set_title(f"{what}: region importance\n(bars: mean over fold models; whiskers: {interval})", fontsize=9)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
-    ax.legend(handles, list(KIND_COLOURS), fontsize=6, loc="lower right")
-    ax.grid(axis="x", alpha=0.3)
+    sub = attributions[attributions["method"] == method]
+    n_regions = len(runs) if runs is not None and len(runs) else int(sub["region"].nunique())
+    fig, ax = plt.subplots(figsize=(6.5, max(3.5, 0.17 * n_regions + 1.6)))
+    draw_region_importance(ax, attributions, method, measure, baseline=baseline, bands=bands, runs=runs)
     out = _save(fig, folder, f"attribution_regions_{method}")
     plt.close(fig)
     return out
+
+
+def draw_region_importance(
+    ax: Any,
+    attributions: pd.DataFrame,
+    method: str,
+    measure: str,
+    *,
+    baseline: str | None = None,
+    bands: pd.DataFrame | None = None,
+    runs: pd.DataFrame | None = None,
+) -> None:
+    """Draw :func:`region_figure`'s chart on ``ax`` (same parameters, no files)."""
+    from bodyage.attribute_stability import fold_stability
+    from bodyage.nulls import draw_null_bands
+    from bodyage.regions import display_name, region_kind
+
+    plt = _plt()
+    if runs is not None and len(runs):
+        stats = runs.set_index("region")
+        n_units = int(stats["n_runs"].max())
+        bars = f"mean over {n_units} training runs"
+        interval = f"min–max over {n_units} training runs" if n_units > 1 else "one run: no interval"
+    else:
+        table, summary = fold_stability(attributions, method, measure)
+        stats = table.set_index("region")
+        n_units = int(summary["n_folds"])
+        bars = f"mean over {n_units} fold models" if n_units > 1 else "one fold model"
+        interval = f"min–max over {n_units} fold models" if n_units > 1 else "one fold model: no interval"
+    stats = stats.sort_values("share")
+    share = stats["share"] * 100
+    regions = [str(r) for r in stats.index]
+    colours = [KIND_COLOURS.get(region_kind(r), "#666666") for r in regions]
+    err = None
+    if n_units > 1:
+        lo = (share - stats["share_min"] * 100).clip(lower=0).fillna(0)
+        hi = (stats["share_max"] * 100 - share).clip(lower=0).fillna(0)
+        err = np.vstack([lo.to_numpy(), hi.to_numpy()])
+    y = np.arange(len(stats))
+    ax.barh(y, share, height=0.75, xerr=err, color=colours, alpha=0.55, ecolor="#333333", error_kw={"lw": 0.8})
+    ax.set_yticks(y, [display_name(r) for r in regions], fontsize=6.5)
+    null_labels: list[str] = []
+    if bands is not None and len(bands):
+        null_labels = draw_null_bands(ax, bands, method, regions, scale=100.0)
+    if null_labels:
+        mine = bands[bands["method"] == method] if bands is not None else pd.DataFrame()
+        clears = mine.groupby("region")["above_share_band"].all()
+        for tick, region in zip(ax.get_yticklabels(), regions, strict=True):
+            if bool(clears.get(region, False)):
+                tick.set_fontweight("bold")
+        nulls_text = "lines and dots: null models; bold: above every null's band"
+    elif bands is not None and len(bands):
+        nulls_text = f"no null model was run for {method}"
+    else:
+        nulls_text = "no null model was run (attribute --no-nulls): not compared with a null"
+    ax.set_xlabel(f"% of the total over regions\n(importance: {measure_label(method, measure)})", fontsize=8)
+    what = baseline_label(method, baseline) if baseline and METHODS[method].level == "region" else method
+    ax.set_title(
+        f"{what}: each region's share of the importance\nbars: {bars}; whiskers: {interval}\n{nulls_text}",
+        fontsize=8.5,
+    )
+    order = list(KIND_COLOURS)
+    kinds = sorted({region_kind(r) for r in regions}, key=lambda k: order.index(k) if k in order else len(order))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLOURS.get(k, "#666666"), alpha=0.55) for k in kinds]
+    labels = list(kinds)
+    line_handles, line_labels = ax.get_legend_handles_labels()
+    ax.legend(handles + line_handles, labels + line_labels, fontsize=6, loc="lower right")
+    ax.set_ylim(-0.7, len(stats) - 0.3)
+    ax.grid(axis="x", alpha=0.3)
 
 
 def measure_label(method: str, measure: str) -> str:
@@ -237,11 +319,23 @@ def cohort_figures(
     baseline: str | None = None,
 ) -> list[Path]:
     """Write the cohort figures of every method to ``RUN/figures`` (``baseline``: that of the region methods)."""
+    from bodyage.attribute_stability import RUN_STABILITY
+    from bodyage.nulls import NULL_BANDS
+
     folder = run / "figures"
     out: list[Path] = []
     measures = recovery.get("importance_measure", {})
+    # written by this attribute run (a run without nulls removes an earlier one)
+    bands = pd.read_csv(run / NULL_BANDS) if (run / NULL_BANDS).is_file() else None
+    # --runs of this attribute run only: the recovery records them, an old file may be stale
+    with_runs = [m for m, e in recovery.get("methods", {}).items() if isinstance(e, dict) and "run_stability" in e]
+    runs = pd.read_csv(run / RUN_STABILITY) if with_runs and (run / RUN_STABILITY).is_file() else None
     for method in pd.unique(attributions["method"]):
-        out += region_figure(attributions, str(method), measures.get(method, "abs_mass"), folder, baseline=baseline)
+        m = str(method)
+        mine = runs[runs["method"] == m] if runs is not None and m in with_runs else None
+        out += region_figure(
+            attributions, m, measures.get(m, "abs_mass"), folder, baseline=baseline, bands=bands, runs=mine
+        )
     if len(slices):
         preds = inputs.predictions
         ages = pd.Series(preds["age"].to_numpy(float), index=preds["scan_id"].to_numpy())

@@ -8,6 +8,14 @@ standard error that figures used before ignores the variance that dominates, tha
 model (different training draws rank the regions differently), and so looks far more
 certain than a re-run would be.
 
+The ``share`` columns put the same numbers on the scale of the null bands
+(``attribution_nulls.csv``'s ``*_share`` columns, :mod:`bodyage.nulls`): a region's part of
+the total importance over the regions. ``share`` is ``importance`` divided by its sum over
+the regions; ``share_min``/``share_max`` the min–max over folds of each fold's own share
+(its importance divided by that fold's total). A ratio of sums lies between the smallest
+and the largest of the ratios, so ``share`` lies within ``[share_min, share_max]`` when
+every region is present in every fold.
+
 Rank stability over folds:
 
 - Kendall's W (coefficient of concordance, with the tie correction) of the folds'
@@ -45,6 +53,9 @@ STABILITY_COLUMNS: tuple[str, ...] = (
     "ci_low",
     "ci_high",
     "n_folds",
+    "share",
+    "share_min",
+    "share_max",
 )
 
 
@@ -110,8 +121,9 @@ def fold_stability(
     -------
     tuple
         The table (:data:`STABILITY_COLUMNS`, largest importance first; ``ci_low``/``ci_high``
-        a 95% t-interval over folds, NaN with one fold) and a summary: ``n_folds``, ``k``,
-        ``kendall_w``, ``top_k_jaccard_mean``, ``top_k_jaccard_min``, ``top_k_jaccard_values``.
+        a 95% t-interval over folds, NaN with one fold; ``share``, ``share_min``,
+        ``share_max``: the same as parts of the total over regions) and a summary:
+        ``n_folds``, ``k``, ``kendall_w``, ``top_k_jaccard_mean``, ``top_k_jaccard_min``, ``top_k_jaccard_values``.
     """
     from scipy import stats
 
@@ -121,6 +133,7 @@ def fold_stability(
     sd = per_fold.std(axis=1, ddof=1)
     tq = np.array([stats.t.ppf(0.975, df) if df >= 1 else np.nan for df in (n - 1)], dtype=float)
     half = tq * sd.to_numpy() / np.sqrt(n.to_numpy().clip(min=1))
+    fold_shares = per_fold / per_fold.sum(axis=0)
     table = pd.DataFrame(
         {
             "method": method,
@@ -132,6 +145,9 @@ def fold_stability(
             "ci_low": mean.to_numpy() - half,
             "ci_high": mean.to_numpy() + half,
             "n_folds": n.to_numpy(),
+            "share": (mean / mean.sum()).to_numpy(),
+            "share_min": fold_shares.min(axis=1).to_numpy(),
+            "share_max": fold_shares.max(axis=1).to_numpy(),
         }
     )
     table = table.dropna(subset=["importance"]).sort_values("importance", ascending=False, kind="mergesort")
@@ -181,7 +197,7 @@ def runs_stability(
     Each run's cohort importance is the mean over all its scans (every scan by its own
     fold model); the table and summary are those of :func:`fold_stability` with runs in
     place of folds (``n_folds``, ``fold_min``, ``fold_max`` renamed ``n_runs``,
-    ``run_min``, ``run_max``). This run is run 0, ``others`` follow.
+    ``run_min``, ``run_max``; ``share_min``/``share_max`` are over runs). This run is run 0, ``others`` follow.
 
     Parameters
     ----------

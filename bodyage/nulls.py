@@ -535,21 +535,58 @@ def null_band_on_trained_scale(bands: pd.DataFrame, method: str, kind: str) -> p
     )
 
 
-def draw_null_bands(ax: Any, bands: pd.DataFrame, method: str, regions: Sequence[str]) -> list[str]:
+def draw_null_bands(
+    ax: Any, bands: pd.DataFrame, method: str, regions: Sequence[str], *, scale: float | None = None
+) -> list[str]:
     """Overlay each null's band on a horizontal bar chart of regions (``regions`` in bar order, bottom up).
 
-    Draws, per null kind, a line from the 2.5 to the 97.5 % share band and a dot at its mean
-    (:func:`null_band_on_trained_scale`), just above or below each bar. Returns the legend
-    labels of the kinds drawn. Needs no matplotlib import: only ``ax.hlines`` and ``ax.plot``.
+    Draws, per null kind, a line from the 2.5 to the 97.5 % share band and a dot at its mean,
+    just above or below each bar. Returns the legend labels of the kinds drawn. Needs no
+    matplotlib import: only ``ax.hlines`` and ``ax.plot``.
+
+    Parameters
+    ----------
+    ax
+        The axes of the bar chart.
+    bands
+        ``attribution_nulls.csv`` (:func:`null_bands`).
+    method
+        The method whose bands are drawn.
+    regions
+        The regions of the bars, bottom up.
+    scale
+        ``None``: the bands in the trained model's units (:func:`null_band_on_trained_scale`);
+        a number: the shares times ``scale`` (100 for bars in percent of the total).
     """
     drawn = []
     y = np.arange(len(regions), dtype=float)
     for kind, (colour, dy) in BAND_STYLE.items():
-        if not ((bands["method"] == method) & (bands["null"] == kind)).any():
+        sel = (bands["method"] == method) & (bands["null"] == kind)
+        if not sel.any():
             continue
-        band = null_band_on_trained_scale(bands, method, kind).reindex(list(regions))
-        label = f"{kind.replace('_', ' ')} null: 2.5–97.5 % of copies (share × trained total)"
+        if scale is None:
+            band = null_band_on_trained_scale(bands, method, kind).reindex(list(regions))
+        else:
+            sub = bands[sel].set_index("region").reindex(list(regions))
+            band = pd.DataFrame(
+                {
+                    "low": sub["null_share_low"] * scale,
+                    "mean": sub["null_share_mean"] * scale,
+                    "high": sub["null_share_high"] * scale,
+                }
+            )
+        label = band_label(kind, int(bands.loc[sel, "n_copies"].max()))
         ax.hlines(y + dy, band["low"], band["high"], colors=colour, linewidth=1.2, label=label)
-        ax.plot(band["mean"], y + dy, "o", color=colour, markersize=2)
+        ax.plot(band["mean"], y + dy, "o", color=colour, markersize=2.2)
         drawn.append(label)
     return drawn
+
+
+def band_label(kind: str, n_copies: int) -> str:
+    """Legend label of a null's band: what the line and the dot are."""
+    name = {"random_weights": "random-weights null", "permuted_labels": "permuted-label null"}.get(
+        kind, f"{kind.replace('_', ' ')} null"
+    )
+    if n_copies <= 1:
+        return f"{name}: one model (dot)"
+    return f"{name}: 2.5–97.5 % of {n_copies} copies (line), mean (dot)"
