@@ -60,11 +60,13 @@ from analysis.recovery import (
     region_importance,
     write_recovery,
 )
+from analysis.region_summary import header_note, read_context, region_line
 from analysis.regionmodels import ALPHA
 from analysis.run import FIGURES_DIR, STATS_DIR, RunTables, load_run
 from analysis.stats_record import ESTIMATE_OPTIONS, read_stats_record, stats_stale
 from bodyage.accuracy import accuracy_text, prediction_metrics, uninformative_note
 from bodyage.errors import InputError, RunError
+from bodyage.region_names import display_name
 
 REPORT_TEX = "report.tex"
 SUMMARY_MD = "summary.md"
@@ -90,7 +92,9 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "region_heatmap": "Partial correlations of region importance with each phenotype; stars mark "
     "Benjamini-Hochberg q-values.",
     "comparison_effects": "Cohort comparison: Hedges' g with 95% CI, age gap and region importance.",
-    "attribution_regions": "Mean region importance over scans with 95% CI, regions sorted and coloured by kind.",
+    "attribution_regions": "Each region's share of the model's total importance (mean over the fold models, "
+    "whiskers the min-max over folds or training runs) beside the null models' share bands when nulls were run; "
+    "regions sorted and coloured by kind, those above every null's band in bold.",
     "attribution_slices": "Mean attribution mass per axial slice along the body (95% band), young vs old "
     "tertiles, with the z-extents of the 12 most important regions.",
 }
@@ -784,6 +788,7 @@ def _summary(
         declared = dict(declared_measures(run_root))
         declared.update(measures or {})
         baseline = _ablation_baseline(run_root)
+        context = read_context(run_root)
         for method in tables.methods:
             measure = importance_measure(method, declared)
             imp = region_importance(tables.attributions, method, measure)
@@ -791,13 +796,12 @@ def _summary(
             if method in REGION_LEVEL_METHODS:
                 kind = f"region-level, {baseline_label(method, baseline)}" if baseline else "region-level"
             lines.append(
-                f"**{method}** ({kind}; importance = {_measure_name(measure, method)} over scans, 95% CI), "
-                f"top {min(TOP_IN_SUMMARY, len(imp))} of {len(imp)} regions:"
+                f"**{method}** ({kind}; importance = {_measure_name(measure, method)} over scans), "
+                f"top {min(TOP_IN_SUMMARY, len(imp))} of {len(imp)} regions; {header_note(context, method, measure)}"
             )
             lines.append("")
             for i, (region, row) in enumerate(imp.head(TOP_IN_SUMMARY).iterrows(), start=1):
-                ci = f"[{_g(row['ci_low'])}, {_g(row['ci_high'])}]"
-                lines.append(f"{i}. {region}: {_g(row['mean'])} {ci} (n = {int(row['n'])})")
+                lines.append(region_line(i, str(region), row, context, method, measure))
             lines.append("")
 
     lines += ["## Phenotypes and the age gap", ""]
@@ -840,7 +844,7 @@ def _summary(
                 lines.append("- none")
             for (sig_method, pheno), sub in sig.groupby(["method", "phenotype"], sort=True, observed=True):
                 hits = ", ".join(
-                    f"{r} ({_g(e)}, q {_q(q)})"
+                    f"{display_name(str(r))} ({_g(e)}, q {_q(q)})"
                     for r, e, q in zip(sub["region"], sub["estimate"], sub["q"], strict=True)
                 )
                 lines.append(f"- {sig_method} ({sub['metric'].iloc[0]}), {pheno}: {hits}")
@@ -859,7 +863,7 @@ def _summary(
         lines += ["## Recovery of the planted ageing (simulated study)", ""]
         lines.append(
             f"- {len(rec['planted_regions'])} regions carry planted age information (k): "
-            f"{', '.join(rec['planted_regions'])}."
+            f"{', '.join(display_name(r) for r in rec['planted_regions'])}."
         )
         for method, m in rec["methods"].items():
             n_hits = round(m["precision_at_k"] * m["k"]) if m["k"] else 0
@@ -871,15 +875,19 @@ def _summary(
             )
             if m.get("clears_nulls") is not None:
                 above = m["clears_nulls"]
-                shown = ", ".join(above[:TOP_IN_SUMMARY]) + (", ..." if len(above) > TOP_IN_SUMMARY else "")
+                shown = ", ".join(display_name(r) for r in above[:TOP_IN_SUMMARY])
+                shown += ", ..." if len(above) > TOP_IN_SUMMARY else ""
                 lines.append(
                     f"  - {len(above)} region(s) above the null band of every null model"
                     + (f", most important first: {shown}." if above else ".")
                 )
         for p, v in rec["phenotypes"].items():
-            found = "; ".join(f"{m}: {', '.join(r) or 'none'}" for m, r in v["significant_regions"].items())
+            planted = ", ".join(display_name(r) for r in v["planted_regions"])
+            found = "; ".join(
+                f"{m}: {', '.join(display_name(x) for x in r) or 'none'}" for m, r in v["significant_regions"].items()
+            )
             lines.append(
-                f"- {p} ({'planted in ' + ', '.join(v['planted_regions']) if v['planted'] else 'nothing planted'}): "
+                f"- {p} ({'planted in ' + planted if v['planted'] else 'nothing planted'}): "
                 f"gap effect {_f(v['gap_effect'])} years [{_f(v['ci_low'])}, {_f(v['ci_high'])}], q {_q(v['q'])}"
                 + (f"; significant regions {found}" if found else "")
                 + "."

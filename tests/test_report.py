@@ -329,3 +329,38 @@ def test_goals_by_hand() -> None:
     assert (
         evaluate_goals({"mae_ratio": 1.6, "methods": {}, "phenotypes": {}})["region_method_beats_floors"]["met"] is None
     )
+
+
+def test_summary_regions_read_display_names_beside_fold_interval_and_null_bands(tmp_path: Path) -> None:
+    from analysis.region_summary import NULL_BANDS_FILE
+    from bodyage.attribute_stability import STABILITY, stability_tables
+    from bodyage.nulls import NULL_BANDS, null_bands
+
+    assert NULL_BANDS_FILE == NULL_BANDS  # analysis mirrors the name (it cannot import bodyage.nulls)
+    run = _planted_run(tmp_path)
+    bare = write_report(run, tmp_path / "bare").summary_md.read_text()
+    assert "no null model was run (no attribution_nulls.csv): not compared with a null" in bare
+    assert "no interval over fold models" in bare
+    attr = pd.read_parquet(run / "attributions.parquet")
+    stability_tables(attr, {"ablation": "abs_mass"})[0].to_csv(run / STABILITY, index=False)
+    abl = attr[attr["method"] == "ablation"]
+    # random copies spread importance evenly (1/11 each); the permuted-label model puts 40 % on the spleen
+    copies = [abl.assign(mass=0.01, null="random_weights", copy=c) for c in range(3)]
+    perm = abl.assign(mass=np.where(abl["region"] == "spleen", 0.4, 0.06), null="permuted_labels", copy=0)
+    nulls = pd.concat([*copies, perm], ignore_index=True)
+    null_bands(attr, nulls, {"ablation": "abs_mass"}).to_csv(run / NULL_BANDS, index=False)
+    summary = write_report(run, tmp_path / "rep").summary_md.read_text()
+    section = summary.split("## Regions the model uses")[1].split("## ")[0]
+    ablation = section.split("**ablation**")[1].split("**gradcam**")[0]
+    assert "min–max over the 3 fold models" in ablation
+    lines = {ln.split(":")[0]: ln for ln in ablation.splitlines() if ln[:1].isdigit()}
+    liver = lines["1. liver"]  # 4 of a total 16.4: above both nulls
+    assert "; fold models " in liver
+    assert "share 24.4 % (random-weight null ≤ 9.1 %, permuted-label null 6.0 %): above every null" in liver
+    spleen = lines["3. spleen"]  # 15 % of the total, below the permuted-label model's 40 %
+    assert "permuted-label null 40.0 %): not above every null" in spleen
+    # people read names as in the figures, never with underscores
+    assert "4. torso fat" in lines
+    numbered = [ln.split(":")[0] for ln in section.splitlines() if ln[:1].isdigit()]
+    assert len(numbered) == 16 and not any("_" in name for name in numbered)
+    assert "attribution_nulls.csv has no gradcam rows for this measure" in section
