@@ -144,6 +144,63 @@ def method_rows(methods: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+#: the columns of :func:`floor_null_rows`, in order
+FLOOR_NULL_COLUMNS = [
+    "method",
+    "k",
+    "precision@k",
+    "floor: volume",
+    "floor: volume × intensity",
+    "floor: signal spread",
+    "floor: univariate screen",
+    "random-weights null [2.5–97.5 %]",
+    "permuted-label null",
+    "beats floors by",
+    "beats nulls by",
+    "regions above every null",
+    "Kendall's W over folds",
+]
+
+
+def floor_null_rows(methods: dict[str, Any], attribution: dict[str, Any] | None = None) -> list[list[Any]]:
+    """One row per method: precision@k beside each floor, each null (with its band) and the margins.
+
+    ``attribution`` is ``attribution_recovery.json``'s ``methods`` (for the rank stability over
+    fold models, which ``recovery.json`` does not repeat).
+    """
+    rows = []
+    for name, m in methods.items():
+        floors = m.get("floors") or {}
+        nulls = m.get("nulls") or {}
+        rand = nulls.get("random_weights") or {}
+        perm = nulls.get("permuted_labels") or {}
+        band = (
+            f"{fmt(rand.get('precision_at_k'))} [{fmt(rand.get('ci_low'))}, {fmt(rand.get('ci_high'))}]"
+            if num(rand.get("precision_at_k")) is not None
+            else None
+        )
+        clears = m.get("clears_nulls")
+        stability = m.get("stability") or ((attribution or {}).get(name) or {}).get("stability") or {}
+        rows.append(
+            [
+                f"`{name}`",
+                m.get("k"),
+                fmt(m.get("precision_at_k")),
+                fmt(floors.get("volume")),
+                fmt(floors.get("volume_intensity")),
+                fmt(floors.get("signal_spread")),
+                fmt(floors.get("univariate_screen")),
+                band,
+                fmt(perm.get("precision_at_k")),
+                fmt(m.get("beats_floors_by")),
+                fmt(m.get("beats_nulls_by")),
+                len(clears) if isinstance(clears, list) else None,
+                fmt(stability.get("kendall_w")),
+            ]
+        )
+    return rows
+
+
 def phenotype_rows(phenotypes: dict[str, Any]) -> list[list[Any]]:
     """One row per phenotype: gap effect with its CI and q, significant regions per method."""
     rows = []
@@ -276,6 +333,9 @@ def demo_results(demo: Path) -> dict[str, Any]:
                 ],
                 method_rows(methods),
             )
+            if methods
+            else None,
+            "floors_nulls": table(FLOOR_NULL_COLUMNS, floor_null_rows(methods, attribution.get("methods") or {}))
             if methods
             else None,
             "phenotypes": table(

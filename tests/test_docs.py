@@ -253,3 +253,26 @@ def test_readme_links_resolve_inside_the_repository() -> None:
 def test_readme_fits_on_a_few_screens() -> None:
     n = len((ROOT / "README.md").read_text(encoding="utf-8").splitlines())
     assert n <= 200, f"README.md has {n} lines; the user guide belongs in docs/"
+
+
+def test_docs_results_puts_each_method_beside_every_floor_and_null(demo_dir: Path, tmp_path: Path) -> None:
+    path = demo_dir / "run" / "recovery.json"
+    rec = json.loads(path.read_text(encoding="utf-8"))
+    rec["methods"]["ablation"] |= {"beats_floors_by": 0.375, "beats_nulls_by": 0.625, "clears_nulls": ["liver", "x"]}
+    _write(path, rec)
+    _write(
+        demo_dir / "run" / "attribution_recovery.json", {"methods": {"ablation": {"stability": {"kendall_w": 0.81}}}}
+    )
+    out = tmp_path / "results"
+    assert docs_results.main([str(demo_dir), "--out", str(out), "--no-readme"]) == 0
+    demo = json.loads((out / "demo.json").read_text(encoding="utf-8"))
+    tab = demo["tables"]["floors_nulls"]
+    assert tab["columns"] == docs_results.FLOOR_NULL_COLUMNS
+    ablation, gradcam = tab["rows"]
+    floors_and_nulls = ["0.25", "0.38", "0.50", "0.50", "0.25 [0.10, 0.40]", "0.12"]
+    assert ablation == ["`ablation`", 8, "0.88", *floors_and_nulls, "0.38", "0.62", 2, "0.81"]
+    assert gradcam[:3] == ["`gradcam`", 8, "0.50"] and set(gradcam[3:]) == {None}  # no floors or nulls: not measured
+    # the attribution page's placeholders name keys the script writes
+    page = "methods/attribution.md"
+    text = hooks.fill((DOCS / page).read_text(encoding="utf-8"), hooks.load_results(out), out.parent, page)
+    assert "{{" not in text and "| `ablation` | 8 | 0.88 | 0.25 |" in text
