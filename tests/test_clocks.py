@@ -354,3 +354,24 @@ def test_a_killed_clocks_run_resumes_to_the_same_tables(tiny_study: Path, tmp_pa
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "whole" / table), pd.read_parquet(out / table))
     organ = pd.read_parquet(out / "organ_ages.parquet")
     assert organ.groupby("clock").size().to_dict() == {c: len(load_study(tiny_study).cohort) for c in doc["clocks"]}
+
+
+@pytest.mark.slow
+def test_attribute_on_a_clock_run_reads_only_its_crop(tiny_study: Path, tmp_path: Path) -> None:
+    from analysis.run import load_run
+
+    run = tmp_path / "liver"
+    train_run(tiny_study, run, replace(TINY, regions=("liver",)), cache_dir=tmp_path / "cache", figures=False)
+    res = runner.invoke(app, ["attribute", str(run), "--method", "gradcam", "--method", "ablation", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    attr = pd.read_parquet(run / "attributions.parquet")
+    n = len(pd.read_parquet(run / "predictions.parquet"))
+    labels = json.loads((tiny_study / "labels.json").read_text())
+    assert len(attr) == n * 2 * len(labels)
+    assert set(load_run(run).methods) == {"gradcam", "ablation"}  # the tables `stats` reads
+    # the clock's input is zero outside its dilated mask: a region that never touches the
+    # liver's crop has no voxel on the model grid, so no attribution mass
+    far = attr[attr["region"] == "urinary_bladder"]
+    assert len(far) and (far["mass"].fillna(0.0) == 0.0).all()
+    liver = attr[(attr["region"] == "liver") & (attr["method"] == "ablation")]
+    assert (liver["n_voxels"] > 0).all() and (liver["mass"].abs() > 0).any()
