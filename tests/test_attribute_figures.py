@@ -125,3 +125,31 @@ def test_with_runs_the_interval_is_over_training_runs(tmp_path: Path) -> None:
     plt.close(fig)
     paths = region_figure(trained(), "ablation", "abs_mass", tmp_path, runs=runs)
     assert sorted(p.name for p in paths) == ["attribution_regions_ablation.pdf", "attribution_regions_ablation.png"]
+
+
+def test_cohort_figures_pass_this_runs_null_bands_and_ignore_a_stale_runs_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bodyage.attribute_figures as figures
+    from bodyage.attribute_stability import RUN_STABILITY
+    from bodyage.nulls import NULL_BANDS
+
+    seen: dict[str, dict[str, Any]] = {}
+    monkeypatch.setattr(figures, "region_figure", lambda att, m, meas, folder, **kw: seen.setdefault(m, kw) and [])
+    run = tmp_path / "run"
+    run.mkdir()
+    att = trained()
+    null_bands(att, null_table(), {"ablation": "abs_mass"}).to_csv(run / NULL_BANDS, index=False)
+    pd.DataFrame({"method": ["ablation"], "region": ["liver"], "share": [1.0], "n_runs": [2]}).to_csv(
+        run / RUN_STABILITY, index=False
+    )
+    empty = pd.DataFrame(columns=["method"])
+    recovery: dict[str, Any] = {"importance_measure": {"ablation": "abs_mass"}, "methods": {"ablation": {}}}
+    figures.cohort_figures(run, att, empty, None, recovery)  # type: ignore[arg-type]
+    assert set(seen["ablation"]["bands"]["null"]) == {"random_weights", "permuted_labels"}
+    assert seen["ablation"]["runs"] is None  # an earlier --runs file, not this run's: not drawn
+    seen.clear()
+    recovery["methods"]["ablation"]["run_stability"] = {"n_runs": 2}
+    (run / NULL_BANDS).unlink()  # attribute --no-nulls removes it
+    figures.cohort_figures(run, att, empty, None, recovery)  # type: ignore[arg-type]
+    assert seen["ablation"]["bands"] is None and list(seen["ablation"]["runs"]["region"]) == ["liver"]

@@ -298,3 +298,13 @@ def test_the_null_band_overlay_is_drawn_on_the_trained_scale(null_run: Path) -> 
     labels = draw_null_bands(ax, bands, "gradcam", regions)
     assert len(labels) == 2 and len(ax.collections) == 2  # one band per null kind
     plt.close(fig)
+
+
+def test_the_region_figure_draws_from_the_written_null_table(null_run: Path, tmp_path: Path) -> None:
+    from bodyage.attribute_figures import region_figure
+
+    attributions = pd.read_parquet(null_run / "attributions.parquet")
+    bands = pd.read_csv(null_run / NULL_BANDS)
+    for method in ("gradcam", "ablation"):
+        paths = region_figure(attributions, method, "abs_mass", tmp_path, baseline="shift", bands=bands)
+        assert all(p.stat().st_size > 10_000 for p in paths)
