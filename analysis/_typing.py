@@ -13,7 +13,7 @@ from bodyage._typing import AttributionMethod, ImportanceMeasure
 #: how the age gap is bias-corrected (see :mod:`analysis.agegap`)
 GapCorrection = Literal["train", "linear", "quadratic", "none"]
 #: which column of ``attributions.parquet`` is a region's importance
-RegionMetric = Literal["mass", "share", "enrichment", "density", "abs_mass"]
+RegionMetric = Literal["mass", "share", "enrichment", "density", "abs_mass", "abs_density"]
 #: two-group test of a cohort comparison
 GroupTest = Literal["welch", "mannwhitney"]
 #: regions one by one, or the named groups of :data:`bodyage.regions.REGION_GROUPS`
@@ -25,7 +25,7 @@ MixedEngine = Literal["auto", "statsmodels", "reml"]
 FdrFamily = Literal["method", "phenotype", "all"]
 
 GAP_CORRECTIONS: tuple[GapCorrection, ...] = ("train", "linear", "quadratic", "none")
-REGION_METRICS: tuple[RegionMetric, ...] = ("mass", "share", "enrichment", "density", "abs_mass")
+REGION_METRICS: tuple[RegionMetric, ...] = ("mass", "share", "enrichment", "density", "abs_mass", "abs_density")
 GROUP_TESTS: tuple[GroupTest, ...] = ("welch", "mannwhitney")
 REGION_LEVELS: tuple[RegionLevel, ...] = ("region", "group")
 MIXED_ENGINES: tuple[MixedEngine, ...] = ("auto", "statsmodels", "reml")

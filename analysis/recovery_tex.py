@@ -14,6 +14,7 @@ from typing import Any
 from analysis.floors import baseline_text
 from analysis.latex import escape, format_number, format_p
 from analysis.regionmodels import ALPHA
+from bodyage.region_names import display_name
 
 RECOVERY_FILE = "recovery.json"
 RECOVERY_TEX = "recovery.tex"
@@ -29,9 +30,10 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return format_number(v, digits) if _finite(v) else "--"
 
 
-def _regions(names: Sequence[str]) -> str:
-    """Region names, breakable after underscores (never hyphenated inside a name)."""
-    return ", ".join(escape(n).replace(r"\_", r"\_\allowbreak{}") for n in names) if names else "--"
+def _regions(names: Sequence[str], clears: Sequence[str] | None = None) -> str:
+    """Region names as in the figures (:func:`~bodyage.region_names.display_name`); those in ``clears`` marked †."""
+    mark = set(clears or ())
+    return ", ".join(escape(display_name(n)) + (r"$^\dagger$" if n in mark else "") for n in names) if names else "--"
 
 
 def recovery_latex(rec: Mapping[str, Any]) -> str:
@@ -75,7 +77,7 @@ def recovery_latex(rec: Mapping[str, Any]) -> str:
                     escape(baseline_text(m)),
                     _fmt(m.get("spearman")),
                     _fmt(m.get("agreement_with_ablation")),
-                    _regions(m.get("top_regions", [])),
+                    _regions(m.get("top_regions", []), m.get("clears_nulls")),
                 ]
             )
             + r" \\"
@@ -89,7 +91,7 @@ def recovery_latex(rec: Mapping[str, Any]) -> str:
         r"\begin{minipage}{\linewidth}\footnotesize\raggedright",
         escape(
             f"k = {k} regions with planted information (region_information > 0): "
-            + ", ".join(rec.get("planted_regions", []))
+            + ", ".join(display_name(r) for r in rec.get("planted_regions", []))
             + ". Precision@k: fraction of them among the k most important regions. Beside it, what needs no "
             "trained model: the largest precision@k of the model-free floors (mean region volume, volume x "
             "intensity, between-scan spread of the regional mean signal, a univariate screen of regional mean "
@@ -98,6 +100,15 @@ def recovery_latex(rec: Mapping[str, Any]) -> str:
             "of region information with importance over all regions; vs ablation: Spearman with ablation's "
             "importance. Region-level methods are ranked by the mean over scans of |mass|, voxel methods by the "
             "measure named."
+        )
+        + (
+            r" Top-k regions marked $^\dagger$ "
+            + escape(
+                "take a larger share of the trained model's importance than the 97.5 % share band of every "
+                "null model (clears_nulls); names read as in the figures."
+            )
+            if any(m.get("clears_nulls") is not None for m in rec.get("methods", {}).values())
+            else ""
         ),
         r"\end{minipage}",
         r"\end{table}",

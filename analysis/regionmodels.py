@@ -132,7 +132,8 @@ def group_regions(attributions: pd.DataFrame, grouping: Callable[[str], str]) ->
     """Aggregate a long attribution table from regions to region groups.
 
     ``mass``, ``abs_mass``, ``share``, ``n_voxels`` and ``volume_ml`` add up (a group is
-    NaN only when all its members are); ``density = mass / n_voxels``; ``enrichment =
+    NaN only when all its members are); ``density = mass / n_voxels``, ``abs_density =
+    abs_mass / n_voxels``; ``enrichment =
     share / (volume_ml / body volume)``, the body volume of a scan being recovered from
     its regions as ``volume_ml · enrichment / share``.
 
@@ -158,6 +159,7 @@ def group_regions(attributions: pd.DataFrame, grouping: Callable[[str], str]) ->
     b = pd.MultiIndex.from_frame(out[["scan_id", "method"]]).map(body_scan.to_dict())
     with np.errstate(divide="ignore", invalid="ignore"):
         out["density"] = out["mass"] / out["n_voxels"]
+        out["abs_density"] = out["abs_mass"] / out["n_voxels"]
         out["enrichment"] = out["share"] / (out["volume_ml"] / np.asarray(b, dtype=float))
     return out
 

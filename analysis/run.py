@@ -433,6 +433,8 @@ def _check_attributions(
             df[col] = pd.to_numeric(df[col], errors="raise").astype(float)
         except (ValueError, TypeError) as err:
             raise RunError(f"{source}: column {col!r} must be numeric (NaN where a region is absent)") from err
+    # the intensive measure (mean |map| per voxel), as bodyage.attribute defines it; derived, so older tables have it
+    df["abs_density"] = df["abs_mass"] / df["n_voxels"].where(df["n_voxels"] > 0)
     df["method"] = df["method"].astype(str)
     df["region"] = df["region"].astype(str)
     df.insert(0, "scan_id", scan_key(df["subject_id"], df["visit"]))

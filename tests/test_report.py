@@ -364,3 +364,38 @@ def test_summary_regions_read_display_names_beside_fold_interval_and_null_bands(
     numbered = [ln.split(":")[0] for ln in section.splitlines() if ln[:1].isdigit()]
     assert len(numbered) == 16 and not any("_" in name for name in numbered)
     assert "attribution_nulls.csv has no gradcam rows for this measure" in section
+
+
+def test_abs_density_is_a_measure_the_report_and_the_region_models_can_use(tmp_path: Path) -> None:
+    # bodyage attribute writes abs_density (GradCAM's intensive measure); load_run dropped it, so
+    # `bodyage report --importance gradcam=abs_density` raised KeyError and `stats --metric` refused it
+    from analysis.regionmodels import importance_matrix, region_models
+    from analysis.run import load_run
+    from bodyage.regions import group_of
+
+    run = _planted_run(tmp_path)
+    attr = pd.read_parquet(run / "attributions.parquet")
+    grad = attr[attr["method"] == "gradcam"]
+    want = (grad["abs_mass"] / grad["n_voxels"]).groupby(grad["region"]).mean().sort_values(ascending=False)
+    rec = write_report(run, tmp_path / "rep", measures={"gradcam": "abs_density"}).recovery
+    assert rec is not None and rec["methods"]["gradcam"]["importance_measure"] == "abs_density"
+    assert rec["methods"]["gradcam"]["top_regions"] == list(want.index[:4])
+    tables = load_run(run)
+    kidneys = importance_matrix(tables, "gradcam", "abs_density", level="group", grouping=group_of)["kidney"]
+    both = grad[grad["region"].isin(["kidney_left", "kidney_right"])].groupby(["subject_id", "visit"])
+    np.testing.assert_allclose(
+        np.sort(kidneys.dropna().to_numpy()), np.sort((both["abs_mass"].sum() / both["n_voxels"].sum()).to_numpy())
+    )
+    res = region_models(run, phenotypes=["diabetes"], metric="abs_density", methods=["gradcam"])
+    assert set(res["metric"]) == {"abs_density"} and res["estimate"].notna().any()
+
+
+def test_recovery_tex_marks_top_regions_above_every_null_and_names_them_as_figures_do() -> None:
+    from analysis.recovery_tex import recovery_latex
+
+    entry = {"k": 2, "precision_at_k": 0.5, "top_regions": ["liver", "gluteus_maximus_left"], "clears_nulls": ["liver"]}
+    tex = recovery_latex({"methods": {"ablation": entry}, "planted_regions": ["liver", "gluteus_maximus_left"]})
+    assert r"& liver$^\dagger$, gluteus maximus (left) \\" in tex
+    assert r"Top-k regions marked $^\dagger$ take a larger share" in tex and "gluteus\\_maximus" not in tex
+    del entry["clears_nulls"]  # nulls not run: nothing marked, no note
+    assert "dagger" not in recovery_latex({"methods": {"ablation": entry}, "planted_regions": ["liver"]})
