@@ -876,7 +876,7 @@ def _summary(
             if m.get("clears_nulls") is not None:
                 above = m["clears_nulls"]
                 shown = ", ".join(display_name(r) for r in above[:TOP_IN_SUMMARY])
-                shown += ", ..." if len(above) > TOP_IN_SUMMARY else ""
+                shown += f" and {len(above) - TOP_IN_SUMMARY} more" if len(above) > TOP_IN_SUMMARY else ""
                 lines.append(
                     f"  - {len(above)} region(s) above the null band of every null model"
                     + (f", most important first: {shown}." if above else ".")

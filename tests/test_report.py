@@ -399,3 +399,17 @@ def test_recovery_tex_marks_top_regions_above_every_null_and_names_them_as_figur
     assert r"Top-k regions marked $^\dagger$ take a larger share" in tex and "gluteus\\_maximus" not in tex
     del entry["clears_nulls"]  # nulls not run: nothing marked, no note
     assert "dagger" not in recovery_latex({"methods": {"ablation": entry}, "planted_regions": ["liver"]})
+
+
+def test_summary_counts_the_regions_above_every_null_it_does_not_list(tmp_path: Path) -> None:
+    run = _planted_run(tmp_path)
+    attr = pd.read_parquet(run / "attributions.parquet")
+    abl = attr[attr["method"] == "ablation"]
+    # null models that put nearly all their importance on subcutaneous fat: the 10 other regions clear them
+    mass = np.where(abl["region"] == "subcutaneous_fat", 9.0, 0.01)
+    copies = [abl.assign(mass=mass * (1 + c / 10), null="random_weights", copy=c) for c in range(3)]
+    nulls = pd.concat([*copies, abl.assign(mass=mass, null="permuted_labels", copy=0)], ignore_index=True)
+    nulls.to_parquet(run / "attributions_null.parquet", index=False)
+    summary = write_report(run, tmp_path / "rep").summary_md.read_text()
+    line = next(ln for ln in summary.splitlines() if "10 region(s) above the null band of every null model" in ln)
+    assert line.endswith(", kidney (right), prostate and 2 more.") and "..." not in line
