@@ -84,17 +84,33 @@ def _dixon_ff(x: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
     return torch.cat([x, ff * body], dim=1)
 
 
+#: normalisation layers of ``sfcn`` (``--model-options '{"norm": "group"}'``)
+NORMS = ("batch", "group")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm3d, or GroupNorm with up to 8 groups (statistics per scan: no running averages)."""
+    from torch import nn
+
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.BatchNorm3d(channels)
+
+
 def _sfcn(
     in_channels: int,
     widths: Sequence[int] = (16, 32, 64, 64),
     dropout: float = 0.2,
     pool: str = "max",
     input_ff: bool = False,
+    norm: str = "batch",
 ) -> nn.Module:
     from torch import nn
 
     if input_ff and in_channels < 2:
         raise InputError("input_ff needs water and fat as the first two channels")
+    if norm not in NORMS:
+        raise InputError(f"sfcn: unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
 
     class SFCN(nn.Module):
         def __init__(self) -> None:
@@ -105,13 +121,13 @@ def _sfcn(
             for k, w in enumerate(widths, start=1):
                 pooling: nn.Module = nn.MaxPool3d(2) if pool == "max" else nn.AvgPool3d(2)
                 layers: list[nn.Module] = [] if k == 1 else [pooling]
-                layers += [nn.Conv3d(prev, w, 3, padding=1, bias=False), nn.BatchNorm3d(w), nn.ReLU(inplace=True)]
+                layers += [nn.Conv3d(prev, w, 3, padding=1, bias=False), _norm(norm, w), nn.ReLU(inplace=True)]
                 blocks[f"block{k}"] = nn.Sequential(*layers)
                 prev = w
             self.features = nn.Sequential(blocks)
             self.head = _pooled_head(
                 nn.Conv3d(prev, prev, 1, bias=False),
-                nn.BatchNorm3d(prev),
+                _norm(norm, prev),
                 nn.ReLU(inplace=True),
                 nn.AdaptiveAvgPool3d(1),
                 nn.Flatten(),

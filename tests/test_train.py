@@ -578,3 +578,23 @@ def test_the_automatic_grid_skips_an_unreadable_first_scan(tiny_study: Path, tmp
         save_singular(copy / path, data)
     with pytest.raises(StudyError, match=r"no readable water image among the first 3 scans: .*singular affine"):
         _grid_of_first_readable(study, study.cohort.iloc[:3], "water")
+
+
+def test_sfcn_group_norm_is_per_scan_and_unknown_norm_is_refused() -> None:
+    # GroupNorm keeps no running statistics: a scan's prediction does not depend on its batch,
+    # in train mode too (BatchNorm's does), which is what the norm option is for
+    import torch
+
+    from bodyage.errors import InputError
+    from bodyage.models import build_model
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 2, 16, 12, 32)
+    group = build_model("sfcn", 2, widths=[4, 8, 8], norm="group", dropout=0.0).train()
+    batch = build_model("sfcn", 2, widths=[4, 8, 8], dropout=0.0).train()
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in group.modules())
+    with torch.no_grad():
+        assert torch.allclose(group(x)[:2], group(x[:2]), atol=1e-6)
+        assert not torch.allclose(batch(x)[:2], batch(x[:2]), atol=1e-6)
+    with pytest.raises(InputError, match="sfcn: unknown norm 'layer'; choose one of batch, group"):
+        build_model("sfcn", 2, norm="layer")
