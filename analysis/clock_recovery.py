@@ -18,6 +18,12 @@ of a subject and ``d_r`` the region's own deviation (:mod:`bodyage.simulate.plan
     the clock carries planted ageing, ``region_information > 0`` in truth.json),
     ``informative``, and ``goal_met`` (:data:`GOALS`). The whole-body clock (no region
     list) is scored against the shared deviation and has no specific r.
+    ``r_planted_ceiling``: the same r for the best a clock reading only its regions could do
+    on this study: an out-of-fold (the clock's folds) linear regression of age on its
+    regions' planted quantities in ``truth.parquet`` (fat fraction, water signal, volume,
+    texture, shape stretch, each also on its logit or log scale; the age-independent
+    ``nuisance`` included, as the image shows it), its gap corrected for age like the clocks'. A planted clock
+    below :data:`GOALS` with a ceiling below it too is limited by the scenario, not the clock.
 ``phenotypes[<phenotype>]``
     ``planted_clocks`` (clocks with a region the scenario ``accelerates`` for it),
     ``anatomy_clocks`` (regions with a planted ``anatomy`` effect: not ageing, but it moves
@@ -52,6 +58,14 @@ TRUTH_TABLE = "truth.parquet"
 #: at least these; an unplanted clock uninformative or its r below the last
 GOALS: dict[str, float] = {"r_planted": 0.5, "r_planted_specific": 0.4, "r_unplanted": 0.2}
 _TRUTH_COLUMNS = ("subject_id", "visit", "region", "age", "biological_age")
+#: planted quantities of truth.parquet and the scale the ceiling regresses age on
+_QUANTITIES: dict[str, str] = {
+    "fat_fraction": "logit",
+    "water_signal": "log",
+    "volume_factor": "log",
+    "texture_cv": "log",
+    "shape_stretch": "log",
+}
 
 
 def read_truth_table(study_root: str | os.PathLike[str]) -> pd.DataFrame | None:
@@ -94,6 +108,67 @@ def planted_deviations(truth: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series, st
         shared = df.groupby(["subject_id", "visit"])["shared_deviation"].first().reindex(wide.index).astype(float)
         return wide, shared, "shared_deviation column"
     return wide, wide.mean(axis=1), "mean over all regions"
+
+
+def planted_quantities(truth: pd.DataFrame, regions: Sequence[str]) -> pd.DataFrame:
+    """The regions' planted quantities per scan, on the scale the ceiling regresses age on.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index (``subject_id``, ``visit``), one column per region and quantity of
+        :data:`_QUANTITIES` that truth.parquet has and that varies between scans, on the
+        raw scale (``region:quantity``) and the transformed one (``region:log_quantity``).
+    """
+    df = truth[truth["region"].isin(list(regions))]
+    df = df.assign(subject_id=df["subject_id"].astype(str), visit=df["visit"].astype(int))
+    cols: dict[str, pd.Series] = {}
+    for quantity, scale in _QUANTITIES.items():
+        if quantity not in df.columns:
+            continue
+        raw = df[quantity].to_numpy(dtype=float)
+        if scale == "logit":
+            p = np.clip(raw, 1e-6, 1 - 1e-6)
+            transformed = np.log(p / (1 - p))
+        else:
+            transformed = np.log(np.clip(raw, 1e-6, None))
+        # both scales: ageing is linear on the raw one, the nuisance is drawn on the other
+        for name, v in ((quantity, raw), (f"{scale}_{quantity}", transformed)):
+            wide = df.assign(v=v).pivot_table(
+                index=["subject_id", "visit"], columns="region", values="v", aggfunc="mean"
+            )
+            for region in wide.columns:
+                col = wide[region]
+                if col.std() > 1e-9:
+                    cols[f"{region}:{name}"] = col
+    return pd.DataFrame(cols)
+
+
+def ceiling_gap(quantities: pd.DataFrame, age: pd.Series, fold: pd.Series) -> pd.Series:
+    """Age-corrected gap of an out-of-fold linear regression of age on ``quantities``.
+
+    Scans with a missing quantity, age or fold are NaN; so is everything when no column
+    varies or a fold leaves too few scans to fit.
+    """
+    x = quantities.reindex(age.index)
+    ok = x.notna().all(axis=1) & age.notna() & fold.notna()
+    out = pd.Series(np.nan, index=age.index)
+    if x.shape[1] == 0 or ok.sum() < x.shape[1] + 3:
+        return out
+    a = np.column_stack([np.ones(int(ok.sum())), x[ok].to_numpy(dtype=float)])
+    y = age[ok].to_numpy(dtype=float)
+    f = fold[ok].to_numpy()
+    pred = np.full(len(y), np.nan)
+    for k in np.unique(f):
+        train = f != k
+        if train.sum() < a.shape[1] + 2:
+            return out
+        beta = np.linalg.lstsq(a[train], y[train], rcond=None)[0]
+        pred[~train] = a[~train] @ beta
+    gap = pred - y
+    slope, intercept = np.polyfit(y, gap, 1)
+    out[ok] = gap - (intercept + slope * y)
+    return out
 
 
 def clock_regions(regions: Sequence[str], available: Sequence[str]) -> list[str]:
@@ -202,6 +277,10 @@ def clock_recovery(
             target = wide[regions].mean(axis=1)
             specific = target - shared
         corr = _r(rows["age_gap_corrected"], target.reindex(rows.index)) if target is not None else _r_none()
+        ceiling = _r_none()
+        if target is not None and not whole and regions:
+            qty = planted_quantities(truth_table, regions)
+            ceiling = _r(ceiling_gap(qty, rows["age"].astype(float), rows["fold"]), target.reindex(rows.index))
         spec = _r(rows["age_gap_conditioned"], specific.reindex(rows.index)) if specific is not None else _r_none()
         entry.update(
             r_planted=corr["r"],
@@ -210,6 +289,7 @@ def clock_recovery(
             r_planted_specific=spec["r"],
             r_planted_specific_ci=[spec["ci_low"], spec["ci_high"]],
             n_specific=spec["n"],
+            r_planted_ceiling=ceiling["r"],
         )
         entry["goal_met"] = _goal(entry, whole)
         out["clocks"][clock] = entry

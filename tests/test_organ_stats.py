@@ -28,7 +28,13 @@ from statsmodels.stats.multitest import multipletests
 from typer.testing import CliRunner
 
 from analysis.agegap import GapCorrectionResult
-from analysis.clock_recovery import clock_recovery, clock_regions, planted_deviations
+from analysis.clock_recovery import (
+    ceiling_gap,
+    clock_recovery,
+    clock_regions,
+    planted_deviations,
+    planted_quantities,
+)
 from analysis.organ_outputs import run_organ_stats
 from analysis.organ_stats import (
     ClockTables,
@@ -253,6 +259,7 @@ def test_recovery_on_a_constructed_truth_gives_the_known_answers(tmp_path: Path)
     # noise-free: the corrected gap is the planted liver deviation itself
     assert liver["r_planted"] == pytest.approx(1.0, abs=1e-9)
     assert liver["planted"] and liver["informative"] and liver["goal_met"]
+    assert "r_planted_ceiling" in liver and rec["clocks"]["whole_body"]["r_planted_ceiling"] is None
     assert rec["clocks"]["gluteal"]["r_planted"] == pytest.approx(1.0, abs=1e-9)
     # the conditioned gap is the liver deviation minus a fitted multiple of the overall gap: close to, not
     # equal to, the liver deviation minus the shared part (the mean over all six regions here)
@@ -447,3 +454,32 @@ def test_mirrored_organ_age_columns_equal_bodyage_clocks() -> None:
     from bodyage.clocks import ORGAN_AGE_COLUMNS
 
     assert tuple(mirrored) == tuple(ORGAN_AGE_COLUMNS)
+
+
+def test_the_ceiling_is_the_r_a_clock_reading_only_the_planted_quantities_reaches() -> None:
+    # logit fat fraction = 0.1 * (biological age) + noise of 4 "years": a clock that reads it
+    # perfectly has a corrected gap with r = 3 / sqrt(3^2 + 4^2) = 0.6 against a deviation of SD 3
+    rng = np.random.default_rng(3)
+    n = 6000
+    age = rng.uniform(45, 82, n)
+    dev = rng.normal(0, 3.0, n)
+    logit = 0.1 * (age + dev + rng.normal(0, 4.0, n)) - 9.0
+    idx = pd.MultiIndex.from_arrays([[f"S{i:05d}" for i in range(n)], np.zeros(n, dtype=int)])
+    truth = pd.DataFrame(
+        {
+            "subject_id": idx.get_level_values(0),
+            "visit": 0,
+            "region": "liver",
+            "age": age,
+            "biological_age": age + dev,
+            "fat_fraction": 1 / (1 + np.exp(-logit)),
+            "water_signal": 1.0,  # constant: left out
+        }
+    )
+    qty = planted_quantities(truth, ["liver"])
+    assert list(qty.columns) == ["liver:fat_fraction", "liver:logit_fat_fraction"]
+    gap = ceiling_gap(qty, pd.Series(age, index=idx), pd.Series(np.arange(n) % 5, index=idx))
+    assert np.corrcoef(gap.reindex(idx), dev)[0, 1] == pytest.approx(0.6, abs=0.03)
+    assert abs(np.corrcoef(gap.reindex(idx), age)[0, 1]) < 1e-6  # corrected for age
+    fold = pd.Series(np.where(np.arange(n) < 3, np.nan, np.arange(n) % 5), index=idx)
+    assert ceiling_gap(qty, pd.Series(age, index=idx), fold).isna().sum() == 3
