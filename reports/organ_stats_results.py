@@ -9,8 +9,11 @@ For each folder it runs ``bodyage stats`` (:func:`analysis.organ_outputs.run_org
 the defaults) and reads the recovery it writes (``DIR/clock_recovery.json``). The JSON
 names the command, the bodyage version and git revision (and whether the working tree had
 uncommitted changes), the machine, and per clock the recovery r of every draw with their
-mean, min and max; per phenotype the clocks found significant in each draw; the mean
-correlation between informative clocks; and a table for the docs.
+mean, min and max (and the ceiling: the r a clock reading only its regions' planted
+quantities reaches on that study); per phenotype the clocks found significant in each draw
+and the false positives; the mean correlation between informative clocks; the goals of the
+organ clocks (:data:`analysis.clock_recovery.GOALS`) and, per goal, whether every draw met
+it; and tables for the docs.
 """
 
 from __future__ import annotations
@@ -58,6 +61,13 @@ def _cell(s: dict[str, Any]) -> str:
     return f"{s['mean']:.2f} ({s['min']:.2f} to {s['max']:.2f})"
 
 
+def _goal_cell(met: list[bool | None]) -> str:
+    scored = [m for m in met if m is not None]
+    if not scored:
+        return "n/a"
+    return f"{sum(1 for m in scored if m)}/{len(scored)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the statistics on every folder; write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=OUT)
     args = parser.parse_args(argv)
 
+    from analysis.clock_recovery import GOALS
     from analysis.organ_outputs import run_organ_stats
     from analysis.organ_stats import mean_correlation
     from bodyage import __version__
@@ -86,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         present = [e for e in entries if e is not None]
         corr = _spread([e["r_planted"] if e else None for e in entries])
         spec = _spread([e["r_planted_specific"] if e else None for e in entries])
+        ceiling = _spread([e.get("r_planted_ceiling") if e else None for e in entries])
         clocks[name] = {
             "planted": any(e["planted"] for e in present),
             "informative": [e["informative"] if e else None for e in entries],
             "r_planted": corr,
             "r_planted_specific": spec,
+            "r_planted_ceiling": ceiling,
             "goal_met": [e["goal_met"] if e else None for e in entries],
         }
         n_info = sum(1 for e in present if e["informative"])
@@ -101,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{n_info}/{len(draws)}",
                 _cell(corr),
                 _cell(spec),
+                _cell(ceiling),
+                _goal_cell(clocks[name]["goal_met"]),
             ]
         )
     phenotypes: dict[str, Any] = {}
@@ -113,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             "significant_clocks": [v["significant_clocks"] if v else None for v in per],
             "significant_clocks_conditioned": [v["significant_clocks_conditioned"] if v else None for v in per],
             "false_positives": [v["false_positives"] if v else None for v in per],
+            "false_positives_conditioned": [v.get("false_positives_conditioned") if v else None for v in per],
+            "missed": [v.get("missed") if v else None for v in per],
         }
         sig = phenotypes[pheno]["significant_clocks"]
         prow.append(
@@ -121,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 ", ".join(phenotypes[pheno]["planted_clocks"]) or "none",
                 ", ".join(phenotypes[pheno]["anatomy_clocks"]) or "none",
                 "; ".join(", ".join(s) or "none" for s in sig if s is not None),
+                "; ".join(", ".join(s) or "none" for s in phenotypes[pheno]["false_positives"] if s is not None),
+                "; ".join(", ".join(s) or "none" for s in phenotypes[pheno]["missed"] if s is not None),
             ]
         )
     doc = {
@@ -137,14 +156,36 @@ def main(argv: list[str] | None = None) -> int:
         "draw_folders": [f.name for f, _ in draws],
         "stats_minutes": round(minutes, 2),
         "mean_correlation": _spread([mean_correlation(r.correlations) for _, r in draws]),
+        "goals": {
+            **GOALS,
+            "met_in_every_draw": {
+                name: (all(g is True for g in c["goal_met"]) if any(g is not None for g in c["goal_met"]) else None)
+                for name, c in clocks.items()
+            },
+        },
         "clocks": clocks,
         "phenotypes": phenotypes,
         "table": {
-            "columns": ["clock", "planted", "informative (draws)", "r planted", "r specific (conditioned)"],
+            "columns": [
+                "clock",
+                "planted",
+                "informative (draws)",
+                "r planted",
+                "r specific (conditioned)",
+                "ceiling r",
+                "goal met (draws)",
+            ],
             "rows": rows,
         },
         "phenotype_table": {
-            "columns": ["phenotype", "planted clocks", "anatomy clocks", "significant clocks (each draw)"],
+            "columns": [
+                "phenotype",
+                "planted clocks",
+                "anatomy clocks",
+                "significant clocks (each draw)",
+                "false positives",
+                "missed",
+            ],
             "rows": prow,
         },
     }
