@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "draws": [
-            {"folder": f.name, "scenario": r.recovery.get("scenario"), "n_clocks": len(r.recovery["clocks"])}  # type: ignore[union-attr]
+            {"folder": f.name, "scenario": r.recovery.get("scenario"), "n_clocks": len(r.recovery["clocks"])}  # type: ignore[union-attr,index]
             for f, r in draws
         ],
         "n_draws": len(draws),
