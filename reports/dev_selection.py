@@ -1,0 +1,354 @@
+"""Choose the attribution defaults on the development scenario; write ``docs/results/dev_selection.json``.
+
+Usage: python reports/dev_selection.py --work DIR [--folds 2] [--epochs 12] [--seed 0]
+                                       [--layers block1,block2,block3,block4]
+                                       [--baselines shift,mean,erase,blur] [--scans 120]
+                                       [--out docs/results/dev_selection.json]
+
+The defaults of ``bodyage attribute`` (GradCAM's layer and region measure, ablation's
+baseline) are chosen on ``--scenario dev`` (another seed, other planted regions and effect
+types) and reported on ``default`` (``reports/attribution_seeds.py``), so that no headline
+number is scored on the scenario its settings were tuned on. This script:
+
+1. ``bodyage simulate WORK/study --scenario dev`` (kept when it exists);
+2. ``bodyage train WORK/study --run WORK/run`` with ``--folds``/``--epochs``/``--seed``
+   (resumable, ``--threads 1``);
+3. explains one seeded sample of ``--scans`` scans (the nulls' sampling,
+   :func:`bodyage.nulls.sample_scans`) with every candidate, through the library call of
+   ``bodyage attribute`` (:func:`bodyage.attribute.attribute_run`, which the command line
+   has no scan-subset option for): GradCAM once per layer, scored with every region measure
+   of ``attributions.parquet``; ablation once per baseline, scored by mean ``|mass|`` (the
+   measure docs/design.md §6 fixes for region-level methods);
+4. scores each ranking against the dev truth as ``recovery.json`` does
+   (:func:`analysis.recovery.region_importance` and :func:`analysis.recovery.method_recovery`:
+   precision@k, k = regions with planted information, and Spearman with
+   ``region_information``) and records the dev floors beside them.
+
+The chosen candidate per setting is the highest precision@k, ties broken by Spearman, then
+in favour of today's default (a change needs evidence). The JSON records every candidate,
+the choice, today's default, the version, git revision, CPU model, load and the commands;
+no machine paths. Run with ``OMP_NUM_THREADS=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+#: GradCAM region measures scored (columns of attributions.parquet; abs_mass is the mean of |mass|)
+GRADCAM_MEASURES: tuple[str, ...] = ("abs_mass", "share", "enrichment", "density", "abs_density")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and count (lscpu), torch threads, load average: what the timings were measured on."""
+    model = None
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average": [round(x, 1) for x in os.getloadavg()],
+    }
+
+
+def revision() -> str | None:
+    """Short git revision of the repository, with ``+dirty`` when the tree has changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
+def timed(cmd: list[str], steps: list[dict[str, Any]], name: str) -> None:
+    """Run a ``bodyage`` command (``OMP_NUM_THREADS=1``), recording its wall time and load; stop on failure."""
+    load0 = os.getloadavg()
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+    exe = str(Path(sys.executable).with_name("bodyage"))
+    rc = subprocess.call([exe, *cmd], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    steps.append(
+        {
+            "step": name,
+            "command": "bodyage " + " ".join(cmd),
+            "minutes": round((time.perf_counter() - t0) / 60.0, 2),
+            "load_start": [round(x, 1) for x in load0],
+            "load_end": [round(x, 1) for x in os.getloadavg()],
+            "started": started,
+        }
+    )
+    if rc != 0:
+        raise SystemExit(f"bodyage {' '.join(cmd)} failed (exit {rc})")
+
+
+def earlier_steps(path: Path | None, names: dict[str, str], keep: set[str]) -> list[dict[str, Any]]:
+    """Steps run before this script (JSON lines: ``name``, ``command``, ``wall_min``, loads), paths renamed.
+
+    Only the steps named in ``keep`` are read.
+
+    ``names`` maps machine paths to the neutral names the record uses (e.g. the work folder
+    to ``dev``), so the JSON carries no machine path.
+    """
+    if path is None or not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec["name"] not in keep:
+            continue
+        cmd = rec["command"]
+        if isinstance(cmd, list):  # an argv: the program by its name
+            cmd = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
+        for old, new in names.items():
+            cmd = cmd.replace(old, new)
+        out.append(
+            {
+                "step": rec["name"],
+                "command": cmd,
+                "minutes": rec["wall_min"],
+                "load_start": rec["load_start"],
+                "load_end": rec["load_end"],
+                "started": rec.get("started"),
+            }
+        )
+    return out
+
+
+def append_steps(path: Path | None, steps: list[dict[str, Any]]) -> None:
+    """Add steps this invocation ran to the ``--steps-log`` (read back by :func:`earlier_steps`)."""
+    if path is None:
+        return
+    with path.open("a", encoding="utf-8") as f:
+        for s in steps:
+            rec = {"name": s["step"], "command": s["command"], "wall_min": s["minutes"]}
+            rec.update({"load_start": s["load_start"], "load_end": s["load_end"], "started": s.get("started")})
+            f.write(json.dumps(rec) + "\n")
+
+
+def pick(cands: list[dict[str, Any]], default: dict[str, Any]) -> dict[str, Any]:
+    """The best candidate: precision@k, then Spearman, then today's default."""
+
+    def key(c: dict[str, Any]) -> tuple[float, float, int]:
+        sp = c["spearman"] if c["spearman"] == c["spearman"] else -2.0
+        is_default = all(c.get(k) == v for k, v in default.items())
+        return (c["precision_at_k"], sp, int(is_default))
+
+    return max(cands, key=key)
+
+
+def score_candidates(run: Path, study: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Attribute the sample with every candidate; score each ranking against the dev truth."""
+    import pandas as pd
+    import torch
+
+    from analysis.recovery import method_recovery, read_truth, region_effects, region_importance
+    from bodyage.attribute import AttributeConfig, attribute_run, load_run_inputs
+    from bodyage.attribution import METHODS
+    from bodyage.models import MODELS
+    from bodyage.nulls import sample_scans
+
+    torch.set_num_threads(1)
+    truth = read_truth(study)
+    if truth is None:
+        raise SystemExit("the dev study has no truth.json")
+    info = {str(k): float(v) for k, v in truth["region_information"].items()}
+    effects = region_effects(truth)
+    inputs = load_run_inputs(run)
+    scans = sample_scans(list(inputs.predictions["scan_id"]), args.scans, args.seed)
+
+    def scored(method: str, measure: str, table: pd.DataFrame) -> dict[str, Any]:
+        imp = region_importance(table, method, measure)["mean"]
+        rec = method_recovery(imp, info, effects)
+        return {
+            "precision_at_k": rec["precision_at_k"],
+            "spearman": rec["spearman"],
+            "k": rec["k"],
+            "top_regions": rec["top_regions"],
+            "by_effect": rec["by_effect"],
+        }
+
+    gradcam: list[dict[str, Any]] = []
+    ablation: list[dict[str, Any]] = []
+    floors: dict[str, Any] | None = None
+    minutes: dict[str, float] = {}
+    for layer in args.layers:
+        t0 = time.perf_counter()
+        attribute_run(run, AttributeConfig(methods=("gradcam",), layer=layer, figures=False), scan_ids=scans)
+        minutes[f"gradcam {layer}"] = round((time.perf_counter() - t0) / 60.0, 2)
+        table = pd.read_parquet(run / "attributions.parquet")
+        for measure in GRADCAM_MEASURES:
+            gradcam.append({"layer": layer, "measure": measure, **scored("gradcam", measure, table)})
+        if floors is None:
+            rec = json.loads((run / "attribution_recovery.json").read_text(encoding="utf-8"))
+            entry = rec["methods"]["gradcam"]
+            floors = {"floors": entry.get("floors"), "floor_max": entry.get("floor_max")}
+    for baseline in args.baselines:
+        t0 = time.perf_counter()
+        attribute_run(run, AttributeConfig(methods=("ablation",), baseline=baseline, figures=False), scan_ids=scans)
+        minutes[f"ablation {baseline}"] = round((time.perf_counter() - t0) / 60.0, 2)
+        table = pd.read_parquet(run / "attributions.parquet")
+        ablation.append({"baseline": baseline, **scored("ablation", "abs_mass", table)})
+
+    model_name = json.loads((run / "run.json").read_text(encoding="utf-8"))["arguments"]["model"]
+    default_gc = {"layer": MODELS[model_name].default_layer, "measure": METHODS["gradcam"].importance_measure}
+    default_abl = {"baseline": AttributeConfig().baseline}
+    best_gc, best_abl = pick(gradcam, default_gc), pick(ablation, default_abl)
+    return {
+        "n_scans": len(scans),
+        "k": gradcam[0]["k"] if gradcam else None,
+        "planted_regions": sorted(r for r, v in info.items() if v > 0),
+        "floors": floors,
+        "gradcam": {
+            "candidates": gradcam,
+            "default_before": default_gc,
+            "chosen": {"layer": best_gc["layer"], "measure": best_gc["measure"]},
+            "changed": {"layer": best_gc["layer"], "measure": best_gc["measure"]} != default_gc,
+        },
+        "ablation": {
+            "candidates": ablation,
+            "default_before": default_abl,
+            "chosen": {"baseline": best_abl["baseline"]},
+            "changed": best_abl["baseline"] != default_abl["baseline"],
+        },
+        "attribute_minutes": minutes,
+    }
+
+
+def tables(res: dict[str, Any]) -> dict[str, Any]:
+    """The docs' tables ({"columns", "rows"}): one for GradCAM (layer x measure), one for the baselines."""
+    measures = list(GRADCAM_MEASURES)
+    by = {(c["layer"], c["measure"]): c for c in res["gradcam"]["candidates"]}
+    layers = list(dict.fromkeys(c["layer"] for c in res["gradcam"]["candidates"]))
+    chosen_gc = res["gradcam"]["chosen"]
+
+    def cell(c: dict[str, Any], chosen: bool) -> str:
+        txt = f"{c['precision_at_k']:.2f} (ρ {c['spearman']:.2f})"
+        return f"**{txt}**" if chosen else txt
+
+    gc_rows = [
+        [f"`{layer}`"]
+        + [
+            cell(by[(layer, m)], chosen_gc == {"layer": layer, "measure": m}) if (layer, m) in by else "–"
+            for m in measures
+        ]
+        for layer in layers
+    ]
+    abl_rows = [
+        [
+            f"`{c['baseline']}`" + (" (chosen)" if c["baseline"] == res["ablation"]["chosen"]["baseline"] else ""),
+            f"{c['precision_at_k']:.2f}",
+            f"{c['spearman']:.2f}",
+            ", ".join(c["top_regions"]),
+        ]
+        for c in res["ablation"]["candidates"]
+    ]
+    floor_rows = [[name, f"{v:.2f}"] for name, v in ((res.get("floors") or {}).get("floors") or {}).items()]
+    return {
+        "gradcam": {"columns": ["layer", *(f"`{m}`" for m in measures)], "rows": gc_rows},
+        "ablation": {"columns": ["baseline", "precision@k", "Spearman", "top k regions"], "rows": abl_rows},
+        "floors": {"columns": ["model-free floor", "precision@k"], "rows": floor_rows},
+    }
+
+
+def main() -> None:
+    """Simulate the dev study, train, attribute every candidate, write the JSON file."""
+    from bodyage import __version__
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True, help="working folder (study, run)")
+    ap.add_argument("--study", type=Path, default=None, help="the dev study [default: WORK/study]")
+    ap.add_argument("--run", type=Path, default=None, help="the run trained on it [default: WORK/run]")
+    ap.add_argument("--folds", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", default="block1,block2,block3,block4")
+    ap.add_argument("--baselines", default="shift,mean,erase,blur")
+    ap.add_argument("--scans", type=int, default=120, help="seeded sample of scans every candidate explains")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/dev_selection.json"))
+    ap.add_argument(
+        "--steps-log",
+        type=Path,
+        default=None,
+        help="JSON lines of steps run before ({name, command (list), wall_min, load_start, load_end, started})",
+    )
+    ap.add_argument("--steps", default="train_dev", help="names of the --steps-log steps to record")
+    args = ap.parse_args()
+    args.layers = [s for s in args.layers.split(",") if s]
+    args.baselines = [s for s in args.baselines.split(",") if s]
+
+    study, run = args.study or args.work / "study", args.run or args.work / "run"
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_start = [round(x, 1) for x in os.getloadavg()]
+    names = {str(study): "dev/study", str(run): "dev/run"}
+    steps = earlier_steps(args.steps_log, names, set(args.steps.split(",")))
+    if not (study / "cohort.csv").is_file():
+        timed(["simulate", str(study), "--scenario", "dev"], steps, "simulate")
+    if not (run / "metrics.json").is_file():
+        train = ["train", str(study), "--run", str(run), "--seed", str(args.seed)]
+        train += ["--folds", str(args.folds), "--epochs", str(args.epochs), "--threads", "1", "--quiet"]
+        timed(train, steps, "train")
+    for step in steps:  # no machine paths in the record
+        for old, new in names.items():
+            step["command"] = step["command"].replace(old, new)
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    t0 = time.perf_counter()
+    res = score_candidates(run, study, args)
+    res["settings"] = {
+        "scenario": "dev",
+        "folds": args.folds,
+        "epochs": args.epochs,
+        "train_seed": args.seed,
+        "layers": args.layers,
+        "baselines": args.baselines,
+        "gradcam_measures": list(GRADCAM_MEASURES),
+        "scans": res.pop("n_scans"),
+    }
+    res["model"] = {
+        "mae": metrics["overall"]["mae"],
+        "oracle_mae": metrics.get("oracle_mae"),
+        "baseline_mae": metrics.get("baseline_mae"),
+        "informative": metrics.get("informative"),
+    }
+    res["tables"] = tables(res)
+    res["source"] = {
+        "script": "reports/dev_selection.py",
+        "command": "OMP_NUM_THREADS=1 python reports/dev_selection.py --work DIR "
+        f"--folds {args.folds} --epochs {args.epochs} --seed {args.seed} --layers {','.join(args.layers)} "
+        f"--baselines {','.join(args.baselines)} --scans {args.scans}",
+        "bodyage_version": __version__,
+        "git_revision": revision(),
+        "started": started,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {**machine(), "load_average_start": load_start},
+        "steps": steps,
+        "candidates_minutes": round((time.perf_counter() - t0) / 60.0, 2),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(json.dumps({k: res[k] for k in ("model", "gradcam", "ablation")}, indent=1, default=str)[:6000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""reports/dev_selection.py and reports/attribution_seeds.py: the choice rule, the step log, the goal per seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str) -> ModuleType:
+    if str(ROOT / "reports") not in sys.path:  # attribution_seeds imports dev_selection, as when run as a script
+        sys.path.insert(0, str(ROOT / "reports"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "reports" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+dev = _load("dev_selection")
+seeds = _load("attribution_seeds")
+
+
+def test_pick_precision_then_spearman_then_the_default() -> None:
+    cands = [
+        {"baseline": "mean", "precision_at_k": 0.6, "spearman": 0.9},
+        {"baseline": "erase", "precision_at_k": 0.7, "spearman": 0.1},
+        {"baseline": "shift", "precision_at_k": 0.7, "spearman": 0.1},
+        {"baseline": "blur", "precision_at_k": 0.7, "spearman": float("nan")},
+    ]
+    # a tie on precision and Spearman keeps today's default; a NaN Spearman ranks last
+    assert dev.pick(cands, {"baseline": "shift"})["baseline"] == "shift"
+    assert dev.pick(cands, {"baseline": "blur"})["baseline"] == "erase"
+    cands[1]["spearman"] = 0.2
+    assert dev.pick(cands, {"baseline": "shift"})["baseline"] == "erase"
+
+
+def test_earlier_steps_keeps_named_steps_without_machine_paths(tmp_path: Path) -> None:
+    log = tmp_path / "steps.jsonl"
+    rec = {"wall_min": 2.5, "load_start": [3.0, 2.0, 1.0], "load_end": [4.0, 3.0, 2.0], "started": "t"}
+    argv = ["/opt/venv/bin/bodyage", "train", "/scratch/x/study", "--run", "/scratch/x/run_s1"]
+    lines = [{"name": "train_s1", "command": argv, **rec}, {"name": "other", "command": "bodyage qc", **rec}]
+    log.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    names = {"/scratch/x/study": "study", "/scratch/x/run_s1": "run_s1"}
+    steps = dev.earlier_steps(log, names, {"train_s1"})
+    assert steps == [
+        {
+            "step": "train_s1",
+            "command": "bodyage train study --run run_s1",
+            "minutes": 2.5,
+            "load_start": [3.0, 2.0, 1.0],
+            "load_end": [4.0, 3.0, 2.0],
+            "started": "t",
+        }
+    ]
+    dev.append_steps(log, steps)  # read back as it was written
+    assert dev.earlier_steps(log, {}, {"train_s1"})[1] == steps[0]
+
+
+def _fake_run(run: Path, precision: float, floor_max: float, permuted: float) -> None:
+    run.mkdir(parents=True)
+    nulls = {
+        "random_weights": {"precision_at_k": 0.5, "ci_low": 0.375, "ci_high": 0.625, "n_copies": 3, "per_copy": []},
+        "permuted_labels": {"precision_at_k": permuted, "ci_low": permuted, "ci_high": permuted, "n_copies": 1},
+    }
+    entry = {
+        "importance_measure": "abs_mass",
+        "k": 8,
+        "precision_at_k": precision,
+        "floors": {"volume": 0.25, "univariate_screen": floor_max},
+        "floor_max": floor_max,
+        "floor_max_by": "univariate_screen",
+        "nulls": nulls,
+        "clears_nulls": ["liver"],
+        "beats_floors_by": precision - floor_max,
+    }
+    rec = {"methods": {"ablation": entry, "gradcam": {**entry, "precision_at_k": 1.0}}, "layer": "block1"}
+    (run / "attribution_recovery.json").write_text(json.dumps(rec))
+    (run / "metrics.json").write_text(json.dumps({"overall": {"mae": 4.0}, "mae_ratio": 1.2, "oracle_mae": 3.3}))
+    (run / "run.json").write_text(json.dumps({"arguments": {"folds": 2, "epochs": 12, "seed": 1}}))
+    (run / "attribute.json").write_text(json.dumps({"n_scans": 100, "null_scans": 100, "cost": {}}))
+    (run / "sanity.json").write_text(json.dumps({"methods": {"ablation": {"passed": False}}}))
+
+
+@pytest.mark.parametrize(
+    ("precision", "floor_max", "permuted", "passed"),
+    [(0.875, 0.625, 0.625, True), (0.875, 0.75, 0.5, False), (0.75, 0.5, 0.625, False)],
+)
+def test_seed_goal_takes_the_region_method_and_both_margins(
+    tmp_path: Path, precision: float, floor_max: float, permuted: float, passed: bool
+) -> None:
+    run = tmp_path / "run"
+    _fake_run(run, precision, floor_max, permuted)
+    entry = seeds.seed_entry(1, run, tmp_path, n_boot=0)
+    # GradCAM's 1.0 does not count: the goal is the region-level method's (report's rule)
+    assert entry["best_region_method"] == "ablation"
+    goals = entry["goals"]
+    assert goals["region_method_beats_floors"]["value"] == pytest.approx(precision - floor_max)
+    assert goals["region_method_beats_permuted_null"]["value"] == pytest.approx(precision - permuted)
+    assert entry["passed"] is passed
+    assert entry["sanity_passed_best"] is False
+    assert entry["methods"]["ablation"]["precision_above_every_null_band"] is (precision > max(0.625, permuted))
+    row = seeds.tables([entry], [])["goal"]["rows"][0]
+    assert row[0] == "1" and row[-2] == ("yes" if passed else "no") and row[-1] == "failed"
+
+
+def test_collect_only_refuses_a_run_without_nulls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    argv = ["attribution_seeds.py", "--study", str(tmp_path), "--run", f"0={run}", "--collect-only"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=r"seed 0: no attribution_recovery\.json with null models"):
+        seeds.main()
+    assert list(run.iterdir()) == []
