@@ -39,6 +39,21 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _load_samples(path: Path) -> dict[str, Any]:
+    """Summarise the one-minute load averages of ``uptime`` lines: n, min, mean, max."""
+    import re
+
+    loads = [float(m.group(1)) for m in re.finditer(r"load average:\s*([0-9.]+)", path.read_text())]
+    if not loads:
+        raise SystemExit(f"{path}: no `load average:` line")
+    return {
+        "n": len(loads),
+        "min": round(min(loads), 2),
+        "mean": round(sum(loads) / len(loads), 2),
+        "max": round(max(loads), 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the measurement; write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,7 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=OUT)
     parser.add_argument("--full-epochs", type=int, default=40, help="the epochs the extrapolation is for")
     parser.add_argument("--collect", action="store_true", help="record the finished runs of --out; train nothing")
+    parser.add_argument(
+        "--load-samples",
+        type=Path,
+        default=None,
+        help="a file of `uptime` lines taken during the measurement (e.g. one a minute); "
+        "their 1-minute load averages are summarised in the JSON",
+    )
     args = parser.parse_args(argv)
+    load_during = _load_samples(args.load_samples) if args.load_samples else None
 
     import pandas as pd
     import torch
@@ -135,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             # --collect measures nothing: the load of the runs themselves is unknown then
             "load_before": None if args.collect else [round(x, 2) for x in load_before],
             "load_after": None if args.collect else [round(x, 2) for x in os.getloadavg()],
+            # one-minute load averages sampled while it ran (--load-samples)
+            "load_during": load_during,
         },
         "set": args.set,
         "complete": not missing,
@@ -168,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         if old.get("command") == doc["command"]:
             for key in ("git_revision", "uncommitted_changes", "machine", "minutes", "overall_gap_clocks"):
                 doc[key] = old.get(key, doc[key])
+            if load_during is not None:
+                doc["machine"]["load_during"] = load_during
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{doc['minutes_of_finished_runs']} min in finished runs; missing {missing}; {args.json}")
