@@ -229,9 +229,11 @@ def tables(seeds: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[str
         perm = (e.get("nulls") or {}).get("permuted_labels") or {}
         rnd = (e.get("nulls") or {}).get("random_weights") or {}
         g = s["goals"]
+        st = s["settings"]
         rows.append(
             [
                 str(s["seed"]),
+                f"{st.get('folds')} × {st.get('epochs')}, {st.get('n_scans')} scans",
                 f"{fmt(s['model']['mae'])} ({fmt(s['model']['mae_ratio'])}×)",
                 f"`{best}` {fmt(e.get('precision_at_k'))}",
                 f"{fmt(e.get('floor_max'))} ({FLOOR_NAMES.get(str(e.get('floor_max_by')), '–')})",
@@ -270,6 +272,7 @@ def tables(seeds: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[str
         "goal": {
             "columns": [
                 "seed",
+                "run: folds × epochs, scans explained",
                 "MAE (× oracle)",
                 "best region method, precision@k",
                 "largest floor",

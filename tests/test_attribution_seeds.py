@@ -108,7 +108,7 @@ def test_seed_goal_takes_the_region_method_and_both_margins(
     assert entry["sanity_passed_best"] is False
     assert entry["methods"]["ablation"]["precision_above_every_null_band"] is (precision > max(0.625, permuted))
     row = seeds.tables([entry], [])["goal"]["rows"][0]
-    assert row[0] == "1" and row[-2] == ("yes" if passed else "no") and row[-1] == "failed"
+    assert row[:2] == ["1", "2 × 12, 100 scans"] and row[-2] == ("yes" if passed else "no") and row[-1] == "failed"
 
 
 def test_collect_only_refuses_a_run_without_nulls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
