@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
                 "; ".join(", ".join(s) or "none" for s in sig if s is not None),
                 "; ".join(", ".join(s) or "none" for s in phenotypes[pheno]["false_positives"] if s is not None),
                 "; ".join(", ".join(s) or "none" for s in phenotypes[pheno]["missed"] if s is not None),
+                "; ".join(
+                    ", ".join(s) or "none" for s in phenotypes[pheno]["significant_clocks_conditioned"] if s is not None
+                ),
+                "; ".join(
+                    ", ".join(s) or "none" for s in phenotypes[pheno]["false_positives_conditioned"] if s is not None
+                ),
             ]
         )
     doc = {
@@ -185,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 "significant clocks (each draw)",
                 "false positives",
                 "missed",
+                "significant, conditioned gap",
+                "false positives, conditioned gap",
             ],
             "rows": prow,
         },
