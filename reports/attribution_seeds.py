@@ -145,6 +145,53 @@ def boot_interval(run: Path, study: Path, method: str, measure: str, n_boot: int
     return out
 
 
+def load_samples(path: Path | None) -> dict[str, Any] | None:
+    """Summarise ``uptime`` lines taken while a run's attribution ran: the 1-minute load averages' n, min, mean, max."""
+    if path is None:
+        return None
+    values = [
+        float(line.split("load average:")[1].split(",")[0])
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if "load average:" in line
+    ]
+    if not values:
+        return None
+    return {
+        "n": len(values),
+        "min": round(min(values), 1),
+        "mean": round(sum(values) / len(values), 1),
+        "max": round(max(values), 1),
+    }
+
+
+def stage_minutes(run: Path) -> dict[str, float] | None:
+    """The attribute stage's parts, in wall minutes, from the times its files were written.
+
+    For a run without ``attribute.json`` (whose ``cost`` records them): from the trained
+    run's ``metrics.json`` (the end of training) to the permuted-label model's
+    ``metrics.json`` (its training), its ``attribute.json`` (its attribution), the null
+    table (the trained attribution and the random copies) and ``sanity.json`` (the end).
+    """
+    perm = run / "nulls" / "permuted_labels"
+    files = [
+        run / "metrics.json",
+        perm / "metrics.json",
+        perm / "attribute.json",
+        run / "attributions_null.parquet",
+        run / "sanity.json",
+    ]
+    if not all(f.is_file() for f in files):
+        return None
+    t = [f.stat().st_mtime for f in files]
+    return {
+        "permuted_train": round((t[1] - t[0]) / 60.0, 1),
+        "permuted_attribute": round((t[2] - t[1]) / 60.0, 1),
+        "trained_and_random_copies": round((t[3] - t[2]) / 60.0, 1),
+        "recovery_and_sanity": round((t[4] - t[3]) / 60.0, 1),
+        "total": round((t[4] - t[0]) / 60.0, 1),
+    }
+
+
 def seed_entry(seed: int, run: Path, study: Path, n_boot: int) -> dict[str, Any]:
     """Everything measured for one seed's run."""
     from analysis.recovery import GOAL_MARGIN, evaluate_goals
@@ -152,7 +199,16 @@ def seed_entry(seed: int, run: Path, study: Path, n_boot: int) -> dict[str, Any]
     rec = json.loads((run / "attribution_recovery.json").read_text(encoding="utf-8"))
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     args = json.loads((run / "run.json").read_text(encoding="utf-8"))["arguments"]
-    attr = json.loads((run / "attribute.json").read_text(encoding="utf-8"))
+    # attribute.json is written last (after the figures): a run stopped while drawing them has the numbers
+    # but not the record; the scans are then counted in the tables
+    attr_path = run / "attribute.json"
+    attr = json.loads(attr_path.read_text(encoding="utf-8")) if attr_path.is_file() else {}
+    if not attr:
+        import pandas as pd
+
+        for key, name in (("n_scans", "attributions.parquet"), ("null_scans", "attributions_null.parquet")):
+            table = pd.read_parquet(run / name, columns=["subject_id", "visit"])
+            attr[key] = int(table.drop_duplicates().shape[0])
     sanity_path = run / "sanity.json"
     sanity = json.loads(sanity_path.read_text(encoding="utf-8")) if sanity_path.is_file() else {}
     methods: dict[str, Any] = {}
@@ -211,6 +267,8 @@ def seed_entry(seed: int, run: Path, study: Path, n_boot: int) -> dict[str, Any]
         "sanity_passed_best": methods.get(best, {}).get("sanity_passed") if best else None,
         "attribute_cost_seconds": attr.get("cost"),
         "attribute_minutes": attr.get("minutes"),
+        "attribute_record": attr_path.is_file(),
+        "attribute_stage_minutes_from_file_times": None if attr_path.is_file() else stage_minutes(run),
     }
 
 
@@ -268,6 +326,9 @@ def tables(seeds: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[str
         ]
         for s in steps
     ]
+    for s in seeds:
+        for part, minutes in (s.get("attribute_stage_minutes_from_file_times") or {}).items():
+            cost_rows.append([f"attribute_s{s['seed']}: {part}", "(file times of the run)", fmt(minutes, ".1f"), "–"])
     return {
         "goal": {
             "columns": [
@@ -318,6 +379,12 @@ def main() -> None:
         type=int,
         default=None,
         help="explain only the nulls' sample of this many scans with the trained model too [default: all, as the demo]",
+    )
+    ap.add_argument(
+        "--load-samples",
+        type=Path,
+        default=None,
+        help="uptime lines taken while the runs were attributed (e.g. a finished demo's): summarised into the record",
     )
     ap.add_argument("--collect-only", action="store_true", help="train and attribute nothing; only read the runs")
     ap.add_argument("--boot", type=int, default=200, help="scan-bootstrap draws of precision@k (0: none)")
@@ -373,13 +440,14 @@ def main() -> None:
             + " ".join(f"--run {s}=RUN_S{s}" for s in sorted(runs))
             + (f" --scans {args.scans}" if args.scans else "")
             + (" --collect-only" if args.collect_only else "")
+            + (" --load-samples UPTIME_LINES" if args.load_samples else "")
             + f" --folds {args.folds} --epochs {args.epochs} --null-scans {args.null_scans} "
             f"--null-copies {args.null_copies} --boot {args.boot}",
             "bodyage_version": __version__,
             "git_revision": revision(),
             "started": started,
             "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": {**machine(), "load_average_start": load_start},
+            "machine": {**machine(), "load_average_start": load_start, "load_during": load_samples(args.load_samples)},
             "steps": steps,
             "minutes_this_invocation": round((time.perf_counter() - t0) / 60.0, 2),
         },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -119,3 +120,46 @@ def test_collect_only_refuses_a_run_without_nulls(tmp_path: Path, monkeypatch: p
     with pytest.raises(SystemExit, match=r"seed 0: no attribution_recovery\.json with null models"):
         seeds.main()
     assert list(run.iterdir()) == []
+
+
+def test_a_run_stopped_before_its_record_counts_its_scans_and_times_its_files(tmp_path: Path) -> None:
+    import pandas as pd
+
+    run = tmp_path / "run"
+    _fake_run(run, 0.5, 0.75, 0.5)
+    (run / "attribute.json").unlink()  # written last: a run stopped while drawing its figures has none
+    scans = pd.DataFrame({"subject_id": ["a", "a", "b", "c"], "visit": [0, 0, 0, 1], "region": ["x", "y", "x", "x"]})
+    scans.to_parquet(run / "attributions.parquet")
+    scans.iloc[:2].to_parquet(run / "attributions_null.parquet")
+    perm = run / "nulls" / "permuted_labels"
+    perm.mkdir(parents=True)
+    (perm / "metrics.json").write_text("{}")
+    (perm / "attribute.json").write_text("{}")
+    for i, f in enumerate(
+        [run / "metrics.json", perm / "metrics.json", perm / "attribute.json", run / "attributions_null.parquet"]
+    ):
+        os.utime(f, (1000.0 + 600 * i, 1000.0 + 600 * i))
+    os.utime(run / "sanity.json", (2830.0, 2830.0))
+    entry = seeds.seed_entry(0, run, tmp_path, n_boot=0)
+    assert (entry["settings"]["n_scans"], entry["settings"]["null_scans"]) == (3, 1)
+    assert entry["attribute_record"] is False
+    assert entry["attribute_stage_minutes_from_file_times"] == {
+        "permuted_train": 10.0,
+        "permuted_attribute": 10.0,
+        "trained_and_random_copies": 10.0,
+        "recovery_and_sanity": 0.5,
+        "total": 30.5,
+    }
+    cost = seeds.tables([entry], [])["cost"]["rows"]
+    assert cost[-1] == ["attribute_s0: total", "(file times of the run)", "30.5", "–"]
+
+
+def test_load_samples_summarises_uptime_lines(tmp_path: Path) -> None:
+    lines = tmp_path / "uptime.txt"
+    lines.write_text(
+        " 11:21:13 up  3:53,  0 user,  load average: 24.19, 23.85, 21.64\n"
+        "not an uptime line\n"
+        " 11:41:43 up  4:14,  0 user,  load average: 21.18, 22.10, 22.60\n"
+    )
+    assert seeds.load_samples(lines) == {"n": 2, "min": 21.2, "mean": 22.7, "max": 24.2}
+    assert seeds.load_samples(None) is None
