@@ -469,9 +469,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-figure", action="store_true", help="do not rebuild reports/demo_overview.png (reports/readme_figure.py)"
     )
+    parser.add_argument(
+        "--no-times",
+        action="store_true",
+        help="record no stage minutes (the demo was resumed, or shared the machine): the pages say not measured",
+    )
     args = parser.parse_args(argv)
 
     demo = demo_results(args.demo)
+    if args.no_times:  # a resumed demo's records time the resumption, not the pipeline
+        demo["minutes"] = {"total": None}
+        demo["tables"]["stages"] = None
     demo["figures"] = copy_figures(args.demo, args.out / "figures")
     write_json(args.out / "demo.json", demo)
     written = [args.out / "demo.json"]

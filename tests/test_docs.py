@@ -276,3 +276,12 @@ def test_docs_results_puts_each_method_beside_every_floor_and_null(demo_dir: Pat
     page = "methods/attribution.md"
     text = hooks.fill((DOCS / page).read_text(encoding="utf-8"), hooks.load_results(out), out.parent, page)
     assert "{{" not in text and "| `ablation` | 8 | 0.88 | 0.25 |" in text
+
+
+def test_docs_results_no_times_records_no_stage_minutes(demo_dir: Path, tmp_path: Path) -> None:
+    # a resumed demo's stage records time the resumption (seconds), not the pipeline: --no-times
+    out = tmp_path / "results"
+    assert docs_results.main([str(demo_dir), "--out", str(out), "--no-readme", "--no-times"]) == 0
+    demo = json.loads((out / "demo.json").read_text(encoding="utf-8"))
+    assert demo["minutes"] == {"total": None} and demo["tables"]["stages"] is None
+    assert "minutes in all" not in readme_summary.summary_line(demo)
