@@ -1,0 +1,105 @@
+"""reports/learning_curve.py: rows from finished runs, the committed curve's contract (DESIGN §9)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the row keys DESIGN §9 names for docs/results/learning_curve.json
+CONTRACT = {
+    "n_subjects",
+    "seed",
+    "mae",
+    "oracle_mae",
+    "mae_ratio",
+    "yardstick_mae_model_grid",
+    "yardstick_mae_native",
+    "train_minutes",
+    "peak_rss_gb",
+}
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("learning_curve", ROOT / "reports" / "learning_curve.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["learning_curve"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+lc = _load()
+
+
+def _fake_run(work: Path, n: int, seed: int, mae: float, oracle: float, minutes: list[float]) -> None:
+    study, run = work / f"study_{n}", work / f"run_{n}_s{seed}"
+    study.mkdir(parents=True, exist_ok=True)
+    run.mkdir(parents=True)
+    (study / lc.YARDSTICK).write_text(json.dumps({"factor": 2, "native": 2.0, "model_grid": 2.5}))
+    (run / "metrics.json").write_text(
+        json.dumps({"overall": {"mae": mae, "n": 10}, "oracle_mae": oracle, "baseline_mae": 9.0, "informative": True})
+    )
+    record = {"arguments": {"grid": [32, 24, 64], "epochs": 40}, "n_scans": 12, "bodyage_version": "0.1.0"}
+    (run / "run.json").write_text(json.dumps(record))
+    inv = [
+        {"minutes": m, "peak_rss_gb": 1.0 + i, "threads": 1, "load_before": [1, 1, 1], "load_after": [1, 1, 1]}
+        for i, m in enumerate(minutes)
+    ]
+    (run / lc.TIMING).write_text(
+        json.dumps({"command": f"python reports/learning_curve.py WORK --n {n}", "invocations": inv})
+    )
+
+
+def test_collect_writes_contract_rows_table_and_figure(tmp_path: Path) -> None:
+    work, out = tmp_path / "work", tmp_path / "out"
+    _fake_run(work, 300, 0, mae=3.0, oracle=2.0, minutes=[4.0, 2.0])  # resumed once
+    _fake_run(work, 300, 1, mae=3.4, oracle=2.0, minutes=[5.0])
+    _fake_run(work, 1000, 0, mae=2.2, oracle=2.0, minutes=[20.0])
+    (work / "run_3000_s0").mkdir()  # unfinished: no row
+
+    assert lc.main([str(work), "--collect", "--out", str(out)]) == 0
+
+    rows = json.loads((out / "learning_curve.json").read_text())
+    assert [(r["n_subjects"], r["seed"]) for r in rows] == [(300, 0), (300, 1), (1000, 0)]
+    assert set(rows[0]) >= CONTRACT
+    first = rows[0]
+    assert first["mae_ratio"] == pytest.approx(1.5)
+    assert first["train_minutes"] == pytest.approx(6.0)  # summed over invocations
+    assert first["peak_rss_gb"] == pytest.approx(2.0)  # the largest
+    assert first["yardstick_mae_model_grid"] == 2.5 and first["yardstick_mae_native"] == 2.0
+    table = json.loads((out / "learning_curve_table.json").read_text())
+    assert len(table["table"]["rows"]) == 3
+    assert "N = 300: MAE 3.00–3.40 years over 2 seeds" in table["summary"]
+    assert "At the largest N measured (1000) the ratio meets the goal" in table["summary"]  # 2.2 / 2.0 = 1.10
+    assert (out / "figures" / "learning_curve.png").stat().st_size > 10_000
+
+
+def test_collect_keeps_rows_of_other_machines(tmp_path: Path) -> None:
+    work, out = tmp_path / "work", tmp_path / "out"
+    _fake_run(work, 300, 0, mae=3.0, oracle=2.0, minutes=[4.0])
+    out.mkdir()
+    other = dict.fromkeys(CONTRACT, 1.0) | {"n_subjects": 3000, "seed": 0, "mae": 2.5, "oracle_mae": 2.0}
+    other |= {"mae_ratio": 1.25, "threads": [8], "machine": {"cpu_model": "a GPU host"}}
+    (out / "learning_curve.json").write_text(json.dumps([other]))
+    lc.main([str(work), "--collect", "--out", str(out)])
+    rows = json.loads((out / "learning_curve.json").read_text())
+    assert [(r["n_subjects"], r["seed"]) for r in rows] == [(300, 0), (3000, 0)]
+    summary = json.loads((out / "learning_curve_table.json").read_text())["summary"]
+    assert "(3000) the ratio does not meet the goal" in summary
+
+
+def test_committed_curve_has_the_contract_keys() -> None:
+    path = ROOT / "docs" / "results" / "learning_curve.json"
+    rows = json.loads(path.read_text())
+    assert rows, "the committed learning curve has no rows"
+    for r in rows:
+        assert set(r) >= CONTRACT, sorted(CONTRACT - set(r))
+        assert r["mae_ratio"] == pytest.approx(r["mae"] / r["oracle_mae"])
+        assert r["machine"]["cpu_model"] and r["bodyage_version"]
+        assert "/" not in (r["command"] or "").replace("reports/learning_curve.py", "")  # no machine path
