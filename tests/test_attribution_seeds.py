@@ -163,3 +163,18 @@ def test_load_samples_summarises_uptime_lines(tmp_path: Path) -> None:
     )
     assert seeds.load_samples(lines) == {"n": 2, "min": 21.2, "mean": 22.7, "max": 24.2}
     assert seeds.load_samples(None) is None
+
+
+def test_dev_selection_refuses_an_uninformative_dev_model(tmp_path: Path) -> None:
+    # choosing attribution defaults on a model that learned no age would select on noise
+    study, run = tmp_path / "study", tmp_path / "run"
+    study.mkdir()
+    (study / "cohort.csv").write_text("scan_id\n")
+    run.mkdir()
+    metrics = {"overall": {"mae": 9.0}, "baseline_mae": 8.94, "informative": False}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "dev_selection.json"
+    argv = ["--work", str(tmp_path), "--study", str(study), "--run", str(run), "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"dev model is uninformative \(out-of-fold MAE 9.00 y vs .* 8.94 y\)"):
+        dev.main(argv)
+    assert not out.exists()
