@@ -98,6 +98,7 @@ def _num(v: Any) -> float:
 
 
 def _g(v: Any) -> str:
+    """Three significant digits (importance measures have no common scale); "n/a" if not a finite number."""
     try:
         x = float(v)
     except (TypeError, ValueError):

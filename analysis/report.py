@@ -60,7 +60,7 @@ from analysis.recovery import (
     region_importance,
     write_recovery,
 )
-from analysis.region_summary import header_note, read_context, region_line
+from analysis.region_summary import _g, header_note, read_context, region_line
 from analysis.regionmodels import ALPHA
 from analysis.run import FIGURES_DIR, STATS_DIR, RunTables, load_run
 from analysis.stats_record import ESTIMATE_OPTIONS, read_stats_record, stats_stale
@@ -903,15 +903,6 @@ def _summary(
         lines += [f"- {m}" for m in missing]
         lines.append("")
     return "\n".join(lines)
-
-
-def _g(v: Any) -> str:
-    """Three significant digits (importance measures have no common scale)."""
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{x:.3g}" if math.isfinite(x) else "n/a"
 
 
 def _goal_text(value: Any) -> str:
