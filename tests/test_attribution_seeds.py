@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from report_scripts import load_report_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str) -> ModuleType:
-    if str(ROOT / "reports") not in sys.path:  # attribution_seeds imports dev_selection, as when run as a script
-        sys.path.insert(0, str(ROOT / "reports"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "reports" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-dev = _load("dev_selection")
-seeds = _load("attribution_seeds")
+dev = load_report_script("dev_selection")
+seeds = load_report_script("attribution_seeds")
 
 
 def test_pick_precision_then_spearman_then_the_default() -> None:

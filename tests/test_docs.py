@@ -6,32 +6,21 @@ check the pieces that make it honest, in milliseconds and without MkDocs install
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from report_scripts import load_report_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "reports" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hooks = _load("docs_hooks")
-docs_results = _load("docs_results")
-readme_summary = _load("readme_summary")
+hooks = load_report_script("docs_hooks")
+docs_results = load_report_script("docs_results")
+readme_summary = load_report_script("readme_summary")
 
 
 def _write(path: Path, data: dict) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from report_scripts import load_report_script
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the row keys DESIGN §9 names for docs/results/learning_curve.json
@@ -25,16 +23,7 @@ CONTRACT = {
 }
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("learning_curve", ROOT / "reports" / "learning_curve.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["learning_curve"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lc = _load()
+lc = load_report_script("learning_curve")
 
 
 def _fake_run(work: Path, n: int, seed: int, mae: float, oracle: float, minutes: list[float]) -> None:

@@ -7,12 +7,12 @@ exactly as written and is skipped unless ``BODYAGE_RUN_TUTORIAL=1`` (minutes of 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from report_scripts import load_report_script
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -20,10 +20,7 @@ from cli.app import app
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
-_spec = importlib.util.spec_from_file_location("tutorial_run", ROOT / "reports" / "tutorial_run.py")
-assert _spec is not None and _spec.loader is not None
-tutorial_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tutorial_run)
+tutorial_run = load_report_script("tutorial_run")
 
 #: options appended to each step in the CI-sized run (the page's commands stay as written)
 SHRINK: dict[str, list[str]] = {
