@@ -643,7 +643,9 @@ def attribute_run(
         null_ids = sample_scans(list(todo["scan_id"]), nulls.scans, cfg.seed)
         if nulls.permuted:  # an ordinary run folder, trained and attributed like this run (resumable)
             with clock.time("permuted_train"):
-                null_run = permuted_model(run, device=device, cache_dir=cache_dir, progress=progress)
+                null_run = permuted_model(
+                    run, device=device, cache_dir=cache_dir, folds=nulls.permuted_folds, progress=progress
+                )
             null_cfg = AttributeConfig(**{**asdict(cfg), "figures": False, "save_maps": 0, "groups": False})
             with clock.time("permuted_attribute"):
                 attribute_run(
