@@ -492,10 +492,12 @@ def _num(row: pd.Series | None, key: str) -> float | None:
 
 #: the margin by which the best region method must beat the floors and its permuted-label null
 GOAL_MARGIN = 0.25
+#: the demo's accuracy goal: out-of-fold MAE at most this multiple of the oracle's
+GOAL_MAE_RATIO = 1.55
 #: the goals of docs/design.md §6 on the default scenario (wave 2): name -> description. GradCAM has
 #: no precision goal (docs/design.md §6: only once it clears its null)
 GOALS: dict[str, str] = {
-    "mae_ratio": "MAE / oracle MAE <= 1.55",
+    "mae_ratio": f"MAE / oracle MAE <= {GOAL_MAE_RATIO}",
     "region_method_beats_floors": "best region-level method: precision@k >= largest model-free floor + 0.25",
     "region_method_beats_permuted_null": "best region-level method: precision@k >= its permuted-label null + 0.25",
     "diabetes_gap": "diabetes raises the corrected gap, q < alpha",
@@ -522,7 +524,7 @@ def evaluate_goals(rec: Mapping[str, Any], *, alpha: float = ALPHA) -> dict[str,
         goals[name] = {"goal": GOALS[name], "value": value, "met": met}
 
     ratio: Any = rec.get("mae_ratio")
-    put("mae_ratio", ratio, bool(ratio <= 1.55) if _finite(ratio) else None)
+    put("mae_ratio", ratio, bool(ratio <= GOAL_MAE_RATIO) if _finite(ratio) else None)
     methods = rec.get("methods", {})
     region = [m for m in methods if m in REGION_LEVEL_METHODS and _finite(methods[m].get("precision_at_k"))]
     best = max(region, key=lambda m: methods[m]["precision_at_k"]) if region else None

@@ -100,11 +100,18 @@ class NullConfig:
         Explain a seeded sample of this many scans under the nulls (``None``: every scan).
         The null band is a cohort mean over scans: a few hundred scans fix it well, and
         the cost of the random copies grows with ``copies × scans``.
+    permuted_folds
+        Cross-validation folds of the permuted-label model (``None``: the trained run's).
+        Training costs about ``folds × (1 − 1/folds)`` passes over the study per epoch, so
+        2 folds cost a quarter of 5 (``bodyage demo`` uses 2; docs/methods/nulls.md). Each
+        of its models then sees half the study instead of ``1 − 1/folds`` of it: a cheaper,
+        less-trained null, named as such in ``attribute.json``.
     """
 
     copies: int = 3
     permuted: bool = True
     scans: int | None = None
+    permuted_folds: int | None = None
 
 
 def check_nulls(cfg: NullConfig, world_size: int = 1) -> None:
@@ -124,6 +131,8 @@ def check_nulls(cfg: NullConfig, world_size: int = 1) -> None:
         raise InputError(f"--null-copies must be 0 or more, got {cfg.copies}")
     if cfg.scans is not None and cfg.scans < 1:
         raise InputError(f"--null-scans must be at least 1, got {cfg.scans}")
+    if cfg.permuted_folds is not None and cfg.permuted_folds < 2:
+        raise InputError(f"--null-permuted-folds must be at least 2, got {cfg.permuted_folds}")
     if cfg.copies == 0 and not cfg.permuted:
         raise InputError("--nulls with --null-copies 0 and --no-permuted leaves no null; use --no-nulls")
 
@@ -230,17 +239,21 @@ def permuted_model(
     *,
     device: str,
     cache_dir: str | os.PathLike[str] | None,
+    folds: int | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> Path:
     """Train (or resume) the permuted-label model of ``run``; returns its run folder.
 
-    Same study, folds and settings as the trained run; the ages are permuted
-    (:func:`permute_ages`) with the run's training seed, so the permuted-label model
-    belongs to the trained run, whatever the attribution's ``--seed``.
+    Same study, folds and settings as the trained run (``folds``: other folds, see
+    :attr:`NullConfig.permuted_folds`); the ages are permuted (:func:`permute_ages`) within
+    its folds with the run's training seed, so the permuted-label model belongs to the
+    trained run, whatever the attribution's ``--seed``.
     """
     from bodyage.train import train_run
 
     study, cfg = train_config_of(run)
+    if folds is not None:
+        cfg = replace(cfg, folds=folds)
     out = run / PERMUTED_RUN
     train_run(study, out, cfg, device=device, cache_dir=cache_dir, progress=progress, figures=False)
     return out

@@ -83,6 +83,14 @@ def attribute(
         Optional[int],
         typer.Option("--null-scans", help="Explain a seeded sample of this many scans under the nulls [default: all]."),
     ] = None,
+    null_permuted_folds: Annotated[
+        Optional[int],
+        typer.Option(
+            "--null-permuted-folds",
+            help="Folds of the permuted-label model: 2 costs a quarter of 5, each model seeing half the study "
+            "[default: the trained run's].",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of Shapley sampling, the sanity check and the nulls.")] = 0,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
@@ -128,7 +136,13 @@ def attribute(
             sanity=sanity,
             sanity_scans=sanity_scans,
             runs=tuple(runs or ()),
-            nulls=NullConfig(copies=null_copies, permuted=use_permuted, scans=null_scans) if nulls else None,
+            nulls=(
+                NullConfig(
+                    copies=null_copies, permuted=use_permuted, scans=null_scans, permuted_folds=null_permuted_folds
+                )
+                if nulls
+                else None
+            ),
             progress=progress,
         )
     if not result.merged:

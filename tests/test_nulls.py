@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,41 @@ def test_another_attribution_seed_reuses_the_permuted_model(null_run: Path, tmp_
     assert table[["subject_id", "visit"]].drop_duplicates().shape[0] == 4
 
 
+def test_the_permuted_model_can_have_fewer_folds_than_the_trained_one(tiny_study: Path, tmp_path: Path) -> None:
+    # the demo's documented subset: a 2-fold permuted-label model behind a 3-fold trained run
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    train_run(tiny_study, run, replace(TINY, folds=3), cache_dir=cache, figures=False)
+    nulls = ["--null-copies", "0", "--null-scans", "6", "--null-permuted-folds", "2"]
+    res = CliRunner().invoke(
+        app,
+        [
+            "attribute",
+            str(run),
+            "--method",
+            "gradcam",
+            "--batch-size",
+            "4",
+            "--no-figures",
+            "--cache",
+            str(cache),
+            *nulls,
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    permuted = run / PERMUTED_RUN
+    assert sorted(p.name for p in (permuted / "models").glob("fold*.pt")) == ["fold0.pt", "fold1.pt"]
+    assert json.loads((permuted / "run.json").read_text())["arguments"]["folds"] == 2
+    assert json.loads((run / "run.json").read_text())["arguments"]["folds"] == 3
+    assert json.loads((run / "attribute.json").read_text())["arguments"]["nulls"]["permuted_folds"] == 2
+    table = pd.read_parquet(run / NULL_ATTRIBUTIONS)
+    assert set(table["null"]) == {"permuted_labels"}
+    assert table[["subject_id", "visit"]].drop_duplicates().shape[0] == 6
+    # every scan is explained by the permuted fold model that did not train on it
+    folds = pd.read_parquet(permuted / "predictions.parquet")[["subject_id", "visit", "fold"]]
+    got = table[["subject_id", "visit", "fold"]].drop_duplicates().merge(folds, on=["subject_id", "visit"])
+    assert (got["fold_x"] == got["fold_y"]).all() and set(got["fold_x"]) <= {0, 1}
+
+
 def test_a_scan_sample_and_the_cli_options(null_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(null_run, run, ignore=shutil.ignore_patterns("attribute", "attributions*", "nulls"))
@@ -236,6 +272,7 @@ def test_a_scan_sample_and_the_cli_options(null_run: Path, tmp_path: Path) -> No
         (NullConfig(copies=-1), "--null-copies must be 0 or more"),
         (NullConfig(scans=0), "--null-scans must be at least 1"),
         (NullConfig(copies=0, permuted=False), "leaves no null; use --no-nulls"),
+        (NullConfig(permuted_folds=1), "--null-permuted-folds must be at least 2, got 1"),
     ],
 )
 def test_bad_null_options_say_what_is_wrong(cfg: NullConfig, message: str) -> None:
