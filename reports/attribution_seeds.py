@@ -39,13 +39,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dev_selection import append_steps, earlier_steps, machine, revision, timed
+from dev_selection import append_steps, earlier_steps, machine, recorded, timed
+from provenance import load_average, neutral_command, revision, uptime_loads, utc_minute, write_json
 
 from bodyage.floors import FLOOR_NAMES
 
@@ -67,23 +66,14 @@ def attribute_sample(run: Path, n_scans: int, copies: int, steps: list[dict[str,
     from bodyage.nulls import NullConfig, sample_scans
 
     torch.set_num_threads(1)
-    load0 = os.getloadavg()
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
-    cfg = AttributeConfig(figures=False)
-    ids = sample_scans(list(load_run_inputs(run).predictions["scan_id"]), n_scans, cfg.seed)
-    attribute_run(run, cfg, nulls=NullConfig(copies=copies, scans=n_scans), sanity=True, scan_ids=ids)
-    steps.append(
-        {
-            "step": name,
-            "command": f"attribute_run(RUN, AttributeConfig(figures=False), nulls=NullConfig(copies={copies}, "
-            f"scans={n_scans}), sanity=True, scan_ids=<the {n_scans}-scan null sample>)",
-            "minutes": round((time.perf_counter() - t0) / 60.0, 2),
-            "load_start": [round(x, 1) for x in load0],
-            "load_end": [round(x, 1) for x in os.getloadavg()],
-            "started": started,
-        }
+    command = (
+        f"attribute_run(RUN, AttributeConfig(figures=False), nulls=NullConfig(copies={copies}, "
+        f"scans={n_scans}), sanity=True, scan_ids=<the {n_scans}-scan null sample>)"
     )
+    with recorded(steps, name, command):
+        cfg = AttributeConfig(figures=False)
+        ids = sample_scans(list(load_run_inputs(run).predictions["scan_id"]), n_scans, cfg.seed)
+        attribute_run(run, cfg, nulls=NullConfig(copies=copies, scans=n_scans), sanity=True, scan_ids=ids)
 
 
 def has_nulls(run: Path) -> bool:
@@ -147,21 +137,7 @@ def boot_interval(run: Path, study: Path, method: str, measure: str, n_boot: int
 
 def load_samples(path: Path | None) -> dict[str, Any] | None:
     """Summarise ``uptime`` lines taken while a run's attribution ran: the 1-minute load averages' n, min, mean, max."""
-    if path is None:
-        return None
-    values = [
-        float(line.split("load average:")[1].split(",")[0])
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if "load average:" in line
-    ]
-    if not values:
-        return None
-    return {
-        "n": len(values),
-        "min": round(min(values), 1),
-        "mean": round(sum(values) / len(values), 1),
-        "max": round(max(values), 1),
-    }
+    return None if path is None else uptime_loads(path.read_text(encoding="utf-8"), digits=1)
 
 
 def stage_minutes(run: Path) -> dict[str, float] | None:
@@ -402,8 +378,8 @@ def main() -> None:
     names = {str(args.study): "study"} | {str(r): f"run_s{s}" for s, r in runs.items()}
     keep = {f"{step}_s{s}" for s in runs for step in ("train", "permuted", "attribute")}
     steps = earlier_steps(args.steps_log, names, keep)
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load_start = [round(x, 1) for x in os.getloadavg()]
+    started = utc_minute()
+    load_start = load_average(1)
     t0 = time.perf_counter()
     n_earlier = len(steps)
     for s, run in sorted(runs.items()):
@@ -423,8 +399,7 @@ def main() -> None:
             timed(cmd, steps, f"attribute_s{s}")
     append_steps(args.steps_log, steps[n_earlier:])
     for step in steps:
-        for old, new in names.items():
-            step["command"] = step["command"].replace(old, new)
+        step["command"] = neutral_command(step["command"], names)
     seeds = [seed_entry(s, run, args.study, args.boot) for s, run in sorted(runs.items())]
     out = {
         "goal": "best region-level method: precision@k >= largest model-free floor + 0.25 and >= its "
@@ -446,14 +421,13 @@ def main() -> None:
             "bodyage_version": __version__,
             "git_revision": revision(),
             "started": started,
-            "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "generated": utc_minute(),
             "machine": {**machine(), "load_average_start": load_start, "load_during": load_samples(args.load_samples)},
             "steps": steps,
             "minutes_this_invocation": round((time.perf_counter() - t0) / 60.0, 2),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(args.out, out, indent=1, ensure_ascii=False)
     print(json.dumps(out["tables"]["goal"], indent=1, ensure_ascii=False))
 
 

@@ -26,24 +26,16 @@ the bodyage version and git revision.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "docs" / "results" / "clock_borders.json"
+from provenance import RESULTS, short_revision, uncommitted_changes, write_json
 
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
+OUT = RESULTS / "clock_borders.json"
 
 
 def _layers(study: Any, crop: Any, row: Any) -> dict[str, float]:
@@ -93,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from bodyage.crop import plan_crop, resolve_regions
     from bodyage.study import load_study
 
-    revision = _git("rev-parse", "--short", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    revision = short_revision()
+    dirty = uncommitted_changes()
     study = load_study(args.study)
     truth = pd.read_parquet(args.study / "truth.parquet")
     truth = truth.assign(subject_id=truth["subject_id"].astype(str), deviation=truth["biological_age"] - truth["age"])
@@ -180,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         },
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    write_json(args.json, doc, allow_nan=False)
     print(f"{len(clocks)} clocks; {args.json}")
     return 0
 

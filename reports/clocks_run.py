@@ -22,36 +22,22 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "docs" / "results" / "clocks_run.json"
+from provenance import RESULTS, load_average, short_revision, uncommitted_changes, uptime_loads, write_json
 
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
+OUT = RESULTS / "clocks_run.json"
 
 
 def _load_samples(path: Path) -> dict[str, Any]:
     """Summarise the one-minute load averages of ``uptime`` lines: n, min, mean, max."""
-    import re
-
-    loads = [float(m.group(1)) for m in re.finditer(r"load average:\s*([0-9.]+)", path.read_text())]
-    if not loads:
+    loads = uptime_loads(path.read_text(), digits=2)
+    if loads is None:
         raise SystemExit(f"{path}: no `load average:` line")
-    return {
-        "n": len(loads),
-        "min": round(min(loads), 2),
-        "mean": round(sum(loads) / len(loads), 2),
-        "max": round(max(loads), 2),
-    }
+    return loads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     from bodyage.clocks import WHOLE_BODY, _summary, read_clock_set, run_clocks
     from bodyage.train import TrainConfig
 
-    load_before = os.getloadavg()
-    revision = _git("rev-parse", "--short", "HEAD")  # the code that runs: read before it runs
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    load_before = load_average(2)
+    revision = short_revision()  # the code that runs: read before it runs
+    dirty = uncommitted_changes()
     started = time.perf_counter()
     entries = read_clock_set(args.set)
     if args.collect:
@@ -156,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "threads": args.threads,
             # --collect measures nothing: the load of the runs themselves is unknown then
-            "load_before": None if args.collect else [round(x, 2) for x in load_before],
-            "load_after": None if args.collect else [round(x, 2) for x in os.getloadavg()],
+            "load_before": None if args.collect else load_before,
+            "load_after": None if args.collect else load_average(2),
             # one-minute load averages sampled while it ran (--load-samples)
             "load_during": load_during,
         },
@@ -195,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 doc[key] = old.get(key, doc[key])
             if load_during is not None:
                 doc["machine"]["load_during"] = load_during
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(args.json, doc)
     print(f"{doc['minutes_of_finished_runs']} min in finished runs; missing {missing}; {args.json}")
     return 0
 

@@ -38,67 +38,49 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from provenance import cpu_model, load_average, neutral_command, revision, utc_minute, write_json
 
 #: GradCAM region measures scored (columns of attributions.parquet; abs_mass is the mean of |mass|)
 GRADCAM_MEASURES: tuple[str, ...] = ("abs_mass", "share", "enrichment", "density", "abs_density")
 
 
 def machine() -> dict[str, Any]:
-    """CPU model and count (lscpu), torch threads, load average: what the timings were measured on."""
-    model = None
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    """CPU model and count (lscpu), OpenMP threads, load average: what the timings were measured on."""
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "load_average": [round(x, 1) for x in os.getloadavg()],
+        "load_average": load_average(1),
     }
 
 
-def revision() -> str | None:
-    """Short git revision of the repository, with ``+dirty`` when the tree has changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return rev + ("+dirty" if dirty else "")
+@contextmanager
+def recorded(steps: list[dict[str, Any]], name: str, command: str) -> Iterator[None]:
+    """Time the block; when it returns, add it to ``steps`` with its wall minutes and the load before and after."""
+    load0, started, t0 = load_average(1), utc_minute(), time.perf_counter()
+    yield
+    steps.append(
+        {
+            "step": name,
+            "command": command,
+            "minutes": round((time.perf_counter() - t0) / 60.0, 2),
+            "load_start": load0,
+            "load_end": load_average(1),
+            "started": started,
+        }
+    )
 
 
 def timed(cmd: list[str], steps: list[dict[str, Any]], name: str) -> None:
     """Run a ``bodyage`` command (``OMP_NUM_THREADS=1``), recording its wall time and load; stop on failure."""
-    load0 = os.getloadavg()
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
     exe = str(Path(sys.executable).with_name("bodyage"))
-    rc = subprocess.call([exe, *cmd], env={**os.environ, "OMP_NUM_THREADS": "1"})
-    steps.append(
-        {
-            "step": name,
-            "command": "bodyage " + " ".join(cmd),
-            "minutes": round((time.perf_counter() - t0) / 60.0, 2),
-            "load_start": [round(x, 1) for x in load0],
-            "load_end": [round(x, 1) for x in os.getloadavg()],
-            "started": started,
-        }
-    )
+    with recorded(steps, name, "bodyage " + " ".join(cmd)):
+        rc = subprocess.call([exe, *cmd], env={**os.environ, "OMP_NUM_THREADS": "1"})
     if rc != 0:
         raise SystemExit(f"bodyage {' '.join(cmd)} failed (exit {rc})")
 
@@ -118,15 +100,10 @@ def earlier_steps(path: Path | None, names: dict[str, str], keep: set[str]) -> l
         rec = json.loads(line)
         if rec["name"] not in keep:
             continue
-        cmd = rec["command"]
-        if isinstance(cmd, list):  # an argv: the program by its name
-            cmd = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
-        for old, new in names.items():
-            cmd = cmd.replace(old, new)
         out.append(
             {
                 "step": rec["name"],
-                "command": cmd,
+                "command": neutral_command(rec["command"], names),
                 "minutes": rec["wall_min"],
                 "load_start": rec["load_start"],
                 "load_end": rec["load_end"],
@@ -300,8 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     args.baselines = [s for s in args.baselines.split(",") if s]
 
     study, run = args.study or args.work / "study", args.run or args.work / "run"
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load_start = [round(x, 1) for x in os.getloadavg()]
+    started = utc_minute()
+    load_start = load_average(1)
     names = {str(study): "dev/study", str(run): "dev/run"}
     steps = earlier_steps(args.steps_log, names, set(args.steps.split(",")))
     if not (study / "cohort.csv").is_file():
@@ -311,8 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         train += ["--folds", str(args.folds), "--epochs", str(args.epochs), "--threads", "1", "--quiet"]
         timed(train, steps, "train")
     for step in steps:  # no machine paths in the record
-        for old, new in names.items():
-            step["command"] = step["command"].replace(old, new)
+        step["command"] = neutral_command(step["command"], names)
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     if metrics.get("informative") is False:  # ranking regions of a model that learned no age selects on noise
         raise SystemExit(
@@ -347,13 +323,12 @@ def main(argv: list[str] | None = None) -> None:
         "bodyage_version": __version__,
         "git_revision": revision(),
         "started": started,
-        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "generated": utc_minute(),
         "machine": {**machine(), "load_average_start": load_start},
         "steps": steps,
         "candidates_minutes": round((time.perf_counter() - t0) / 60.0, 2),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(args.out, res, indent=1, ensure_ascii=False)
     print(json.dumps({k: res[k] for k in ("model", "gradcam", "ablation")}, indent=1, default=str)[:6000])
 
 

@@ -24,17 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
-import subprocess
-import sys
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results"
+from provenance import RESULTS, ROOT, machine, now_iso, write_json
+
 #: the demo figures the validation page shows: run-relative source -> name in docs/results/figures
 FIGURES = {
     "figures/predicted_vs_age.png": "predicted_vs_age.png",
@@ -87,23 +83,6 @@ def yes_no(value: Any) -> str | None:
 def table(columns: list[str], rows: list[list[Any]]) -> dict[str, Any]:
     """The ``{"columns", "rows"}`` value the docs hook renders as a Markdown table."""
     return {"columns": columns, "rows": rows}
-
-
-def cpu_model() -> str | None:
-    """The CPU model name from ``lscpu`` (Linux), else ``platform.processor()``."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or None
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return None
-
-
-def machine() -> dict[str, Any]:
-    """The machine this script runs on (run it where the demo and the bench ran)."""
-    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
 
 
 def minutes_between(record: dict[str, Any] | None) -> float | None:
@@ -290,8 +269,8 @@ def demo_results(demo: Path) -> dict[str, Any]:
             "git_revision": record.get("git_revision"),
             "torch": (record.get("packages") or {}).get("torch"),
             "run_started": record.get("started"),
-            "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(),
+            "generated": now_iso(),
+            "machine": machine(),  # the machine this script runs on: run it where the demo and the bench ran
         },
         "scenario": recovery.get("scenario"),
         "n_scans": recovery.get("n_scans") or overall.get("n"),
@@ -401,7 +380,7 @@ def bench_results(bench: dict[str, Any], path: Path) -> dict[str, Any]:
             "command": f"bodyage bench --json > {path.name}; python reports/docs_results.py DEMO --bench {path.name}",
             "quick": bench.get("quick"),
             "seconds": num(bench.get("seconds")),
-            "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "generated": now_iso(),
             "machine": {**machine(), **{k: bench_machine.get(k) for k in ("torch", "torch_threads", "device", "gpu")}},
             "load_average": bench_machine.get("load_average"),
         },
@@ -453,12 +432,6 @@ def bench_results(bench: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ main
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON (UTF-8, trailing newline)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python reports/docs_results.py DEMO_DIR [--bench BENCH_JSON] [--out DIR]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -481,16 +454,15 @@ def main(argv: list[str] | None = None) -> int:
         demo["minutes"] = {"total": None}
         demo["tables"]["stages"] = None
     demo["figures"] = copy_figures(args.demo, args.out / "figures")
-    write_json(args.out / "demo.json", demo)
+    write_json(args.out / "demo.json", demo, ensure_ascii=False)
     written = [args.out / "demo.json"]
     if args.bench is not None:
         try:
             bench = json.loads(args.bench.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise SystemExit(f"error: {args.bench}: not a `bodyage bench --json` output ({err})") from err
-        write_json(args.out / "bench.json", bench_results(bench, args.bench))
+        write_json(args.out / "bench.json", bench_results(bench, args.bench), ensure_ascii=False)
         written.append(args.out / "bench.json")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if not args.no_figure and any((args.demo / "run" / "attribute" / "maps").glob("*.png")):
         import readme_figure
 

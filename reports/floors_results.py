@@ -17,9 +17,10 @@ import json
 import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from provenance import utc_minute, write_json
 
 from analysis.recovery import method_recovery, read_truth
 from bodyage.floors import FLOORS, floor_scores
@@ -69,7 +70,7 @@ def main() -> None:
     out: dict[str, Any] = {
         "source": {
             "command": "python reports/floors_results.py",
-            "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "generated": utc_minute(),
             "machine": platform.platform(),
             "subjects": args.subjects,
         },
@@ -85,8 +86,7 @@ def main() -> None:
                 if not (root / "truth.json").is_file():
                     simulate_study(root, scenario=name, subjects=args.subjects, workers=args.workers, figures=False)
                 out["scenarios"][name] = measure(root)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    write_json(args.out, out, indent=1)
     print(json.dumps({k: (v["floors"], v["floor_max"]) for k, v in out["scenarios"].items()}, indent=1))
 
 

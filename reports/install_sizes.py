@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "docs" / "results" / "install.json"
+from provenance import RESULTS, ROOT, load_average, short_revision, write_json
+
+OUT = RESULTS / "install.json"
 
 
 def make_variable(name: str) -> str:
@@ -81,7 +82,7 @@ def largest_packages(venv: Path, n: int = 5) -> list[dict[str, Any]]:
 def measure(name: str, spec: dict[str, Any], src: Path, work: Path) -> dict[str, Any]:
     """Install one variant into a fresh venv and return its time and size."""
     venv = work / f"venv-{name}"
-    load_before = os.getloadavg()
+    load_before = load_average(2)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--no-cache-dir"]
@@ -111,8 +112,8 @@ def measure(name: str, spec: dict[str, Any], src: Path, work: Path) -> dict[str,
         "torch": check[0],
         "totalsegmentator": check[1] == "True",
         "largest_packages": largest_packages(venv),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "load_average_before": load_before,
+        "load_average_after": load_average(2),
     }
     shutil.rmtree(venv)
     return row
@@ -128,9 +129,7 @@ def main() -> None:
     unknown = sorted(set(names) - set(known))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    revision = short_revision()
     old = json.loads(OUT.read_text()) if OUT.is_file() else {}
     rows: dict[str, Any] = old.get("variants", {})
     with tempfile.TemporaryDirectory(prefix="bodyage-install-") as tmp:
@@ -171,8 +170,7 @@ def main() -> None:
             ],
         },
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(OUT, result)
     print(f"wrote {OUT.relative_to(ROOT)}", file=sys.stderr)
 
 

@@ -30,53 +30,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from provenance import RESULTS, machine, now_iso
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results"
 TIMING = "learning_curve_timing.json"
 YARDSTICK = "learning_curve_yardstick.json"
 
 
-# ------------------------------------------------------------------ provenance
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, count and whether the CPU has bfloat16 matrix kernels (AMX / AVX-512 BF16)."""
-    model, flags = None, ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("Flags:"):
-                flags = line.split(":", 1)[1]
-    except (OSError, subprocess.SubprocessError):
-        model = platform.processor() or None
-    names = set(flags.split())
-    return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "amx_bf16": "amx_bf16" in names,
-        "avx512_bf16": "avx512_bf16" in names,
-        "platform": platform.platform(),
-    }
-
-
+# ------------------------------------------------------------------ running
 def bodyage_exe() -> str:
     """The ``bodyage`` command next to this Python (the project's virtual environment)."""
     exe = Path(sys.executable).parent / "bodyage"
@@ -126,8 +94,7 @@ def ensure_yardstick(study: Path, factor: int) -> dict[str, float]:
         cached = json.loads(path.read_text())
         if cached.get("factor") == factor:
             return cached
-    sys.path.insert(0, str(ROOT / "reports"))
-    from region_probe import probe
+    from region_probe import probe  # a sibling script, as provenance: reports/ is on the path
 
     print(f"[learning curve] region-mean yardstick on {study.name} (native and /{factor})", flush=True)
     maes = probe(study, factor)
@@ -190,8 +157,8 @@ def row(work: Path, n: int, seed: int) -> dict[str, Any] | None:
         "bodyage_version": record.get("bodyage_version"),
         "git_revision": record.get("git_revision"),
         "command": timing.get("command"),
-        "machine": machine(),
-        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(bf16=True),  # CPU model, count, AMX / AVX-512 bfloat16 kernels
+        "generated": now_iso(),
     }
 
 

@@ -22,9 +22,10 @@ import os
 import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from provenance import load_average, utc_minute, write_json
 
 
 def band_counts(run: Path) -> dict[str, Any]:
@@ -75,10 +76,10 @@ def main() -> None:
     if args.bands_only:
         out = json.loads(args.out.read_text(encoding="utf-8"))
         out["bands"] = band_counts(run)
-        args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        write_json(args.out, out, indent=1)
         print(json.dumps(out["bands"], indent=1))
         return
-    load_start = os.getloadavg()
+    load_start = load_average(1)
     if not (study / "cohort.csv").is_file():
         simulate_study(study, scenario="default", subjects=args.subjects)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -86,7 +87,7 @@ def main() -> None:
     train_cost = {"wall": round(time.perf_counter() - t0, 2), "cpu": round(time.process_time() - c0, 2)}
     nulls = NullConfig(copies=args.copies, permuted=True, scans=args.null_scans)
     result = attribute_run(run, AttributeConfig(figures=False), nulls=nulls)
-    load_end = os.getloadavg()
+    load_end = load_average(1)
 
     recovery = json.loads((run / "attribution_recovery.json").read_text())
     methods: dict[str, Any] = {}
@@ -110,12 +111,12 @@ def main() -> None:
     out = {
         "source": {
             "command": "OMP_NUM_THREADS=1 python reports/nulls_results.py",
-            "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "generated": utc_minute(),
             "machine": platform.platform(),
             "cpus": os.cpu_count(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "load_average_start": [round(x, 1) for x in load_start],
-            "load_average_end": [round(x, 1) for x in load_end],
+            "load_average_start": load_start,
+            "load_average_end": load_end,
         },
         "settings": {
             "scenario": "default",
@@ -136,8 +137,7 @@ def main() -> None:
         "methods": methods,
         "bands": band_counts(run),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    write_json(args.out, out, indent=1)
     print(json.dumps(out, indent=1))
 
 

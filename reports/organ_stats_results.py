@@ -19,25 +19,17 @@ it; and tables for the docs.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "docs" / "results" / "organ_stats.json"
+from provenance import RESULTS, short_revision, uncommitted_changes, write_json
 
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
+OUT = RESULTS / "organ_stats.json"
 
 
 def _spread(values: list[float | None]) -> dict[str, Any]:
@@ -151,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "command": "bodyage stats DIR (defaults) on each clocks folder; recovery from DIR/clock_recovery.json",
         "bodyage": __version__,
-        "git_revision": _git("rev-parse", "--short", "HEAD"),
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_revision": short_revision(),
+        "uncommitted_changes": uncommitted_changes(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "draws": [
             {"folder": f.name, "scenario": r.recovery.get("scenario"), "n_clocks": len(r.recovery["clocks"])}  # type: ignore[union-attr,index]
@@ -197,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": prow,
         },
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
+    write_json(args.json, doc, allow_nan=False, default=str)
     print(f"{len(draws)} draw(s), {minutes:.1f} min; {args.json}")
     return 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from provenance import write_json
 
 from bodyage import __version__
 from bodyage.attribute import AttributeConfig, attribute_run, group_table, recovery_summary
@@ -116,8 +117,7 @@ def main() -> None:
             "rows": [[g, p["summed_single_ablations"], p["joint_ablation"]] for g, p in pairs.items()],
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(Path(args.out), result)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from provenance import RESULTS, ROOT, load_average, short_revision, write_json
+
 PAGE = ROOT / "docs" / "getting-started" / "tutorial.md"
-OUT = ROOT / "docs" / "results" / "tutorial.json"
+OUT = RESULTS / "tutorial.json"
 
 
 def tutorial_commands(page: Path = PAGE) -> list[list[str]]:
@@ -46,13 +47,11 @@ def tutorial_commands(page: Path = PAGE) -> list[list[str]]:
 def main() -> None:
     """Run every command in a temporary folder, timing each, and write the JSON."""
     exe = shutil.which("bodyage") or str(Path(sys.executable).with_name("bodyage"))
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
+    revision = short_revision()
     import torch
 
     steps: list[dict[str, Any]] = []
-    load_before = os.getloadavg()
+    load_before = load_average(2)
     with tempfile.TemporaryDirectory(prefix="bodyage-tutorial-") as tmp:
         for argv in tutorial_commands():
             t0 = time.perf_counter()
@@ -70,8 +69,8 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "platform": platform.platform(terse=True),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "load_average_before": load_before,
+            "load_average_after": load_average(2),
         },
         "total_minutes": round(sum(s["minutes"] for s in steps), 1),
         "mae": overall.get("mae"),
@@ -82,8 +81,7 @@ def main() -> None:
             "rows": [[f"`{s['command']}`", s["minutes"]] for s in steps],
         },
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(OUT, result)
     print(f"wrote {OUT.relative_to(ROOT)}", file=sys.stderr)
 
 
