@@ -55,7 +55,8 @@ def segment(
     ] = None,
 ) -> None:
     """Organ masks with TotalSegmentator (or imported) -> STUDY/masks, cohort.csv mask column, masks/qc.csv."""
-    from bodyage.segment import parse_channel_options, segment_study
+    from bodyage.segment import segment_study
+    from bodyage.segment_config import parse_channel_options
 
     compute_options(device, threads)
     channels = parse_channel_options(channel)

@@ -26,13 +26,9 @@ from typer.testing import CliRunner
 
 from bodyage.errors import InputError, SegmentationError
 from bodyage.masks import read_stamp
-from bodyage.segment import (
-    FAILURES_FILE,
-    QC_COLUMNS,
-    SegmentSummary,
-    parse_channel_options,
-    segment_study,
-)
+from bodyage.segment import SegmentSummary, segment_study
+from bodyage.segment_config import parse_channel_options
+from bodyage.segment_tables import FAILURES_FILE, QC_COLUMNS
 from cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent

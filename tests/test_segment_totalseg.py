@@ -23,7 +23,8 @@ from segment_factories import fake_weights, make_study
 from typer.testing import CliRunner
 
 from bodyage.errors import InputError, SegmentationError, WeightsMissingError
-from bodyage.segment import check_raw_intensities, orientation_note, segment_study
+from bodyage.segment import segment_study
+from bodyage.segment_scan import check_raw_intensities, orientation_note
 from bodyage.totalseg import (
     TotalSegmentatorSession,
     check_license,
