@@ -66,7 +66,7 @@ from bodyage.study import (
     validate_cohort,
     write_cohort,
 )
-from bodyage.ukb import IMAGING_INSTANCES, FieldRequest, check_field_requests, parse_field_option, read_layout
+from bodyage.ukb_fields import IMAGING_INSTANCES, FieldRequest, check_field_requests, parse_field_option, read_layout
 
 #: the table of rejected scans
 FAILURES_FILE = "failures.csv"
@@ -220,7 +220,7 @@ def build_ukb_study(
     pattern
         File path relative to ``images`` with ``{eid}``, ``{instance}``, ``{channel}``.
     fields
-        Extra phenotype columns (``--field`` strings or :class:`~bodyage.ukb.FieldRequest`).
+        Extra phenotype columns (``--field`` strings or :class:`~bodyage.ukb_fields.FieldRequest`).
     instances
         UK Biobank instances to take scans from (2: imaging, 3: repeat imaging).
     channels

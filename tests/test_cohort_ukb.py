@@ -1,4 +1,4 @@
-"""Reading a UK Biobank export (bodyage.ukb): column schemes, fields, codes, chunks."""
+"""Reading a UK Biobank export (bodyage.ukb, bodyage.ukb_fields): column schemes, fields, codes, chunks."""
 
 from __future__ import annotations
 
@@ -12,16 +12,9 @@ import pytest
 from ukb_factories import PARTICIPANTS, Participant, expected_age, export_frame, write_export
 
 from bodyage.errors import BodyageWarning, InputError
-from bodyage.ukb import (
-    BadRow,
-    FieldColumn,
-    FieldRequest,
-    iter_export_chunks,
-    parse_column,
-    parse_field_option,
-    read_layout,
-    read_visits,
-)
+from bodyage.exportrows import BadRow
+from bodyage.ukb import iter_export_chunks, read_visits
+from bodyage.ukb_fields import FieldColumn, FieldRequest, parse_column, parse_field_option, read_layout
 
 FIELDS = ["2443=diabetes", "4080=sbp:mean", "20002=diabetes_sr:any=1220,1223", "22009.1=pc1:signed"]
 
