@@ -14,6 +14,10 @@ its last completed epoch; a fold whose checkpoint says it had stopped early is f
 from its best state without training further, and a corrupt partial checkpoint is
 deleted with a warning and its fold trained again.
 
+Divergence: a training loss or inner-validation MAE that becomes NaN or infinite stops
+the run with :class:`~bodyage.errors.RunError` naming the fold and epoch, before that
+epoch's partial checkpoint is written, so the fold keeps its last good epoch.
+
 Scale out: under ``torchrun --nproc_per_node N`` each fold is trained with
 DistributedDataParallel (NCCL on GPU, gloo on CPU), each rank taking its share of every
 epoch's batches; rank 0 writes all outputs.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -431,6 +436,24 @@ def _load_partial(path: Path, device: torch.device) -> dict[str, Any] | None:
     return state
 
 
+def _check_finite(k: int, epoch: int, what: str, value: float, amp: torch.dtype | None) -> None:
+    """Raise :class:`RunError` if ``value`` (a loss or MAE of fold ``k`` at ``epoch``) is NaN or infinite.
+
+    A diverged model only produces NaN from then on; training on would checkpoint it and
+    write NaN predictions. The likely causes are named: a learning rate too high, reduced
+    precision (bfloat16 diverged on small grids, see :func:`autocast_dtype`), or scans
+    whose intensities are far off (the run folder then refuses other settings, hence a new
+    one).
+    """
+    if math.isfinite(value):
+        return
+    fp32 = ", train in --precision fp32" if amp is not None else ""
+    raise RunError(
+        f"fold {k}, epoch {epoch}: {what} is {value}; lower --lr (in a new --run folder){fp32} "
+        "or check the scans' intensities"
+    )
+
+
 def _train_fold(
     k: int,
     cfg: TrainConfig,
@@ -536,6 +559,9 @@ def _train_fold(
             t = torch.tensor([total, float(count)], device=device)
             dist.all_reduce(t)
             train_loss = float(t[0] / t[1].clamp(min=1))
+        # every rank sees the same reduced loss and rank 0's validation MAE, so all stop together;
+        # raised before this epoch's partial checkpoint: the fold's last good epoch is kept
+        _check_finite(k, epoch, "training loss", train_loss, amp)
         val_pred = predict(model, data, val_idx, device, amp=amp) * sd + mean
         val_mae = float(np.mean(np.abs(val_pred - ages[val_idx]))) if len(val_idx) else float("nan")
         if info.distributed:
@@ -544,6 +570,8 @@ def _train_fold(
             t = torch.tensor([val_mae], device=device)
             dist.broadcast(t, src=0)  # every rank takes rank 0's decision
             val_mae = float(t[0])
+        if len(val_idx):  # e.g. batch-norm running statistics that overflowed while the batches' did not
+            _check_finite(k, epoch, "inner-validation MAE", val_mae, amp)
         watching = epoch >= watch_from
         improved = watching and val_mae < best["val_mae"]
         if improved:
