@@ -39,12 +39,16 @@ depend on where a run was killed. The tables are merged from the parts at the en
 
 **Scale.** Under ``torchrun --nproc_per_node N`` scans are split by rank; each rank writes
 its parts, all meet at a barrier, and rank 0 merges.
+
+**Modules.** This module holds the run (:func:`attribute_run`); its parts live beside it:
+settings and inputs in :mod:`bodyage.attribute_inputs`, one batch through the methods in
+:mod:`bodyage.attribute_explain`, file names, parts and merged tables in
+:mod:`bodyage.attribute_tables`, region importance and recovery in
+:mod:`bodyage.attribute_recovery`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -53,27 +57,35 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-import pandas as pd
 
 from bodyage.atomic import remove_stale_temps, write_json, write_with
-from bodyage.attribution import (
-    BASELINES,
-    COHORT_MEAN_BASELINES,
-    IG_STEPS,
-    METHODS,
-    attribute_batch,
-    check_methods,
-    label_lookup,
-    region_means,
-    region_measures,
-    scan_values,
-    slice_mass,
+from bodyage.attribute_explain import _scan_frames, _slice_frames, cohort_means, explain_batch, voxel_ml, z_positions
+from bodyage.attribute_inputs import AttributeConfig, check_config, check_scan_mask, load_run_inputs, resolve_layer
+from bodyage.attribute_inputs import RunInputs as RunInputs  # re-exported: bodyage.nulls imports it from here
+from bodyage.attribute_recovery import recovery_summary
+from bodyage.attribute_recovery import region_importance as region_importance  # re-exported: bodyage.nulls
+from bodyage.attribute_tables import (
+    ATTRIBUTION_COLUMNS,
+    ATTRIBUTIONS,
+    FAILURES,
+    GROUP_ATTRIBUTIONS,
+    RECORD,
+    RECOVERY,
+    SANITY,
+    SLICE_PROFILES,
+    STATE_DIR,
+    _write_failures,
+    _write_part,
+    group_table,
+    merge_parts,
+    method_fingerprint,
+    part_dir,
 )
-from bodyage.errors import InputError, RunError
+from bodyage.attribution import COHORT_MEAN_BASELINES, METHODS, label_lookup, scan_values
+from bodyage.errors import RunError
 from bodyage.nulls import (
     NullConfig,
     Stopwatch,
@@ -88,115 +100,7 @@ from bodyage.nulls import (
 )
 from bodyage.progress import NO_PROGRESS, Progress
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from torch import nn
-
-    from bodyage.preprocess import CacheResult
-    from bodyage.regions import LabelTable
-    from bodyage.study import Study
-
 log = logging.getLogger(__name__)
-
-ATTRIBUTIONS = "attributions.parquet"
-GROUP_ATTRIBUTIONS = "attributions_groups.parquet"
-SLICE_PROFILES = "slice_profiles.parquet"
-RECOVERY = "attribution_recovery.json"
-RECORD = "attribute.json"
-SANITY = "sanity.json"
-FAILURES = "failures.csv"
-STATE_DIR = "attribute"
-#: scans whose region means make the cohort means of the shift and mean baselines (a seeded sample on big cohorts)
-BASELINE_SCANS = 500
-ATTRIBUTION_COLUMNS: tuple[str, ...] = (
-    "subject_id",
-    "visit",
-    "method",
-    "region",
-    "fold",
-    "n_voxels",
-    "volume_ml",
-    "mass",
-    "abs_mass",
-    "share",
-    "density",
-    "enrichment",
-    "abs_density",
-)
-SLICE_COLUMNS: tuple[str, ...] = ("subject_id", "visit", "fold", "method", "z_index", "z_mm", "mass", "abs_mass")
-FAILURE_COLUMNS: tuple[str, ...] = ("scan_id", "stage", "reason")
-
-
-@dataclass(frozen=True)
-class AttributeConfig:
-    """Settings of an attribution run.
-
-    Attributes
-    ----------
-    methods
-        Methods to run (keys of :data:`~bodyage.attribution.METHODS`).
-    layer
-        GradCAM stage (``block1`` …); ``None``: the one stored with the checkpoint.
-    baseline
-        Baseline of ``ablation`` and ``shapley``: ``shift``, ``mean``, ``erase`` or ``blur``.
-    samples
-        Shapley permutations.
-    ig_steps
-        Integration steps of integrated gradients.
-    batch_size
-        Scans per forward/backward pass.
-    seed
-        Seed of Shapley sampling, the baseline sample and the sanity randomisation.
-    groups
-        Also write ``attributions_groups.parquet``.
-    save_maps
-        Write NIfTI and PNG maps of this many scans.
-    figures
-        Write the cohort figures.
-    """
-
-    methods: tuple[str, ...] = ("gradcam", "ablation")
-    layer: str | None = None
-    baseline: str = "shift"
-    samples: int = 25
-    ig_steps: int = IG_STEPS
-    batch_size: int = 8
-    seed: int = 0
-    groups: bool = False
-    save_maps: int = 0
-    figures: bool = True
-
-    def method_settings(self, method: str) -> dict[str, Any]:
-        """The settings a method's results depend on (hashed into its parts folder)."""
-        if method == "gradcam":
-            return {"layer": self.layer}
-        if method == "integrated_gradients":
-            return {"ig_steps": self.ig_steps, "baseline": "zeros"}
-        if method == "ablation":
-            return {"baseline": self.baseline}
-        return {"baseline": self.baseline, "samples": self.samples, "seed": self.seed}
-
-
-def check_config(cfg: AttributeConfig) -> AttributeConfig:
-    """Validate options before any work; returns the config with methods normalised.
-
-    Raises
-    ------
-    InputError
-        Naming the option at fault.
-    """
-    methods = tuple(check_methods(cfg.methods))
-    if cfg.baseline not in BASELINES:
-        raise InputError(f"--baseline must be one of {', '.join(BASELINES)}; {cfg.baseline!r} was provided")
-    if cfg.samples < 1:
-        raise InputError(f"--samples must be at least 1, got {cfg.samples}")
-    if cfg.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.save_maps < 0:
-        raise InputError(f"--save-maps must be 0 or more, got {cfg.save_maps}")
-    if cfg.ig_steps < 2:
-        raise InputError(f"--ig-steps must be at least 2, got {cfg.ig_steps}")
-    return AttributeConfig(**{**asdict(cfg), "methods": methods})
 
 
 @dataclass(frozen=True)
@@ -242,284 +146,6 @@ class AttributeResult:
 
 def _fmt(x: Any) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.2f}"
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class RunInputs:
-    """A run's study, predictions, cache and fold models, ready to explain scans."""
-
-    run: Path
-    study: Study
-    predictions: pd.DataFrame
-    cache: CacheResult
-    hparams: dict[int, dict[str, Any]]
-    model_files: dict[int, Path]
-    labels: LabelTable | None
-    failures: list[dict[str, str]]
-
-
-def load_run_inputs(
-    run_dir: str | os.PathLike[str],
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    progress: Progress = NO_PROGRESS,
-) -> RunInputs:
-    """Read a trained run: its study (from ``run.json``), predictions, fold checkpoints and cache.
-
-    Raises
-    ------
-    RunError
-        If the run folder, ``run.json``, ``predictions.parquet`` or a fold model is missing.
-    """
-    from bodyage.preprocess import PreprocessSettings, build_cache
-    from bodyage.study import load_study
-    from bodyage.train import load_fold_model
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise RunError(f"{run}: run folder not found")
-    rec_path = run / "run.json"
-    if not rec_path.is_file():
-        raise RunError(f"{rec_path}: not found (is {run} a run folder made by `bodyage train`?)")
-    try:
-        record = json.loads(rec_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise RunError(f"{rec_path}: not valid JSON ({err.msg})") from err
-    study_path = record.get("study") or (record.get("arguments") or {}).get("study")
-    if not study_path:
-        raise RunError(f"{rec_path}: records no study path")
-    pred_path = run / "predictions.parquet"
-    if not pred_path.is_file():
-        raise RunError(f"{pred_path}: not found; run `bodyage train` to the end first")
-    preds = pd.read_parquet(pred_path)
-    preds["subject_id"] = preds["subject_id"].astype(str)
-    preds["visit"] = preds["visit"].astype(int)
-    folds = sorted(int(f) for f in preds["fold"].unique())
-    files = {k: run / "models" / f"fold{k}.pt" for k in folds}
-    hps: dict[int, dict[str, Any]] = {}
-    for k, f in files.items():
-        if not f.is_file():
-            raise RunError(f"{f}: fold model not found; run `bodyage train` to the end first")
-        _, hps[k] = load_fold_model(f)
-    hp0 = hps[folds[0]]
-    channels = tuple(hp0["channels"])
-    study = load_study(study_path, channels=channels)
-    pp = hp0.get("preprocess") or {}
-    settings = PreprocessSettings(
-        grid=(int(hp0["grid"][0]), int(hp0["grid"][1]), int(hp0["grid"][2])),
-        channels=channels,
-        **{k: v for k, v in pp.items() if k not in ("grid", "channels")},
-    )
-    keys = preds["subject_id"] + "_" + preds["visit"].astype(str)
-    preds = preds.assign(scan_id=keys.to_numpy())
-    known = set(study.cohort["scan_id"])
-    failures: list[dict[str, str]] = []
-    for sid in sorted(set(preds["scan_id"]) - known):
-        failures.append({"scan_id": sid, "stage": "attribute", "reason": "predicted by train but not in cohort.csv"})
-    preds = preds[preds["scan_id"].isin(known)].reset_index(drop=True)
-    if cache_dir is None and record.get("arguments", {}).get("cache"):
-        cache_dir = record["arguments"]["cache"]
-    cache = build_cache(study, settings, cache_root=cache_dir, scan_ids=list(preds["scan_id"]), progress=progress)
-    for fail in cache.failures.to_dict("records"):
-        failures.append({"scan_id": str(fail["scan_id"]), "stage": "attribute", "reason": str(fail["reason"])})
-    return RunInputs(
-        run=run,
-        study=study,
-        predictions=preds,
-        cache=cache,
-        hparams=hps,
-        model_files=files,
-        labels=study.labels,
-        failures=failures,
-    )
-
-
-def check_scan_mask(inputs: RunInputs, scan_id: str, n_labels: int) -> str | None:
-    """The reason a scan cannot be explained by region (``None`` when it can)."""
-    if inputs.labels is None:
-        return f"the mask has no label table ({inputs.study.root / 'labels.json'} is missing)"
-    cs = inputs.cache.scans[scan_id]
-    if cs.mask is None:
-        return "no mask (run `bodyage segment` first)"
-    mask = cs.load_mask()
-    if tuple(mask.shape) != tuple(cs.load().shape[1:]):
-        return f"mask grid {tuple(mask.shape)} does not match the image grid {tuple(cs.load().shape[1:])}"
-    ids = np.unique(mask)
-    unknown = [int(i) for i in ids if i != 0 and (i >= n_labels or int(i) not in inputs.labels.names)]
-    if unknown:
-        return f"mask label ids {unknown[:5]} are not in the label table labels.json"
-    return None
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def part_dir(run: Path, method: str, fingerprint: str) -> Path:
-    """Folder of one method's per-scan results."""
-    return run / STATE_DIR / "parts" / f"{method}-{fingerprint}"
-
-
-def method_fingerprint(cfg: AttributeConfig, method: str, hparams: dict[int, dict[str, Any]], labels: Any) -> str:
-    """Hash of what a method's results depend on: checkpoints, label table, its settings."""
-    ck = {k: hp.get("config_hash") for k, hp in sorted(hparams.items())}
-    return _hash({"method": method, "settings": cfg.method_settings(method), "checkpoints": ck, "labels": labels})
-
-
-def resolve_layer(model: nn.Module, layer: str | None, hparams: dict[str, Any]) -> str:
-    """The GradCAM layer: ``layer``, else the model registry's ``default_layer``, checked against the model.
-
-    The registry, not the checkpoint's recorded default, decides: the default was chosen
-    on evidence after some runs were trained.
-    """
-    from bodyage.models import MODELS, get_layer
-
-    spec = MODELS.get(str(hparams.get("model")))
-    name = layer or (spec.default_layer if spec is not None else str(hparams.get("default_layer") or "block1"))
-    get_layer(model, name)
-    return name
-
-
-def voxel_ml(affine: npt.NDArray[np.float64]) -> float:
-    """Volume of one voxel of ``affine`` in ml."""
-    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-
-
-def z_positions(affine: npt.NDArray[np.float64], nz: int) -> npt.NDArray[np.float64]:
-    """Distance (mm) of each axial slice centre below the top slice of the field of view (RAS+ grid)."""
-    step = float(np.linalg.norm(np.asarray(affine)[:3, 2]))
-    sup = float(np.asarray(affine)[2, 2]) >= 0  # z index grows towards the head in RAS+
-    k = np.arange(nz, dtype=float)
-    return ((nz - 1 - k) if sup else k) * step
-
-
-def cohort_means(inputs: RunInputs, scan_ids: Sequence[str], n_labels: int, seed: int) -> torch.Tensor:
-    """``(n_labels, C)`` mean intensity per region and channel over (a seeded sample of) the cohort."""
-    import torch
-
-    ids = list(scan_ids)
-    if len(ids) > BASELINE_SCANS:
-        rng = np.random.default_rng(seed)
-        ids = [ids[i] for i in sorted(rng.choice(len(ids), BASELINE_SCANS, replace=False))]
-    acc: torch.Tensor | None = None
-    for sid in ids:
-        cs = inputs.cache.scans[sid]
-        x = torch.from_numpy(np.asarray(cs.load(), dtype=np.float32))[None]
-        lab = torch.from_numpy(np.asarray(cs.load_mask(), dtype=np.int64))[None].clamp(max=n_labels - 1)
-        part = region_means(x, lab, n_labels)
-        acc = part if acc is None else acc + part
-    if acc is None:
-        raise RunError("no scan to compute the cohort means of the ablation baseline from")
-    counts = acc[:, -1:].clamp(min=1)
-    return (acc[:, :-1] / counts).float()
-
-
-# ----------------------------------------------------------------------------- one batch
-
-
-def _scan_frames(
-    method: str,
-    sub: pd.DataFrame,
-    values: dict[str, npt.NDArray[np.float64]],
-    ids: npt.NDArray[np.int64],
-    names: list[str],
-    vml: npt.NDArray[np.float64],
-) -> list[pd.DataFrame]:
-    """One long region table per scan of a batch."""
-    m = region_measures(values["mass"][:, ids], values["abs_mass"][:, ids], values["count"][:, ids], vml)
-    out = []
-    for i in range(len(sub)):
-        row = sub.iloc[i]
-        df = pd.DataFrame(
-            {
-                "subject_id": str(row["subject_id"]),
-                "visit": int(row["visit"]),
-                "method": method,
-                "region": names,
-                "fold": int(row["fold"]),
-                **{c: m[c][i] for c in ATTRIBUTION_COLUMNS[5:]},
-            }
-        )
-        out.append(df)
-    return out
-
-
-def _slice_frames(
-    method: str, sub: pd.DataFrame, maps: torch.Tensor, z_mm: list[npt.NDArray[np.float64]]
-) -> list[pd.DataFrame]:
-    prof = slice_mass(maps)
-    absprof = slice_mass(maps.abs())
-    out = []
-    for i in range(len(sub)):
-        row = sub.iloc[i]
-        nz = prof.shape[1]
-        out.append(
-            pd.DataFrame(
-                {
-                    "subject_id": str(row["subject_id"]),
-                    "visit": int(row["visit"]),
-                    "fold": int(row["fold"]),
-                    "method": method,
-                    "z_index": np.arange(nz),
-                    "z_mm": z_mm[i],
-                    "mass": prof[i],
-                    "abs_mass": absprof[i],
-                }
-            )
-        )
-    return out
-
-
-def _write_part(path: Path, regions: pd.DataFrame, slices: pd.DataFrame | None) -> None:
-    if slices is not None:
-        write_with(path.with_suffix(".slices.parquet"), partial(slices.to_parquet, index=False))
-    write_with(path, partial(regions.to_parquet, index=False))  # last: marks the scan done
-
-
-def explain_batch(
-    model: nn.Module,
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    methods: Sequence[str],
-    *,
-    cfg: AttributeConfig,
-    layer: str,
-    n_labels: int,
-    age_sd: float,
-    means: torch.Tensor | None,
-) -> dict[str, Any]:
-    """Run each method on one batch; returns ``{method: BatchAttribution}``."""
-    import torch
-
-    from bodyage.models import get_layer
-
-    out: dict[str, Any] = {}
-    for method in methods:
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(cfg.seed)  # Shapley permutations: the same for a scan alone or in a batch
-        try:
-            out[method] = attribute_batch(
-                method,
-                model,
-                x,
-                labels,
-                n_labels=n_labels,
-                age_sd=age_sd,
-                layer=get_layer(model, layer),
-                baseline=cfg.baseline,
-                cohort_means=means,
-                samples=cfg.samples,
-                ig_steps=cfg.ig_steps,
-            )
-        finally:
-            torch.random.set_rng_state(gen_state)
-    return out
 
 
 # ----------------------------------------------------------------------------- the step
@@ -857,186 +483,3 @@ def attribute_run(
         nulls=null_counts,
         cost=clock.seconds,
     )
-
-
-def _write_failures(run: Path, failures: list[dict[str, str]]) -> None:
-    """Add this step's failures to ``RUN/failures.csv``, keeping other steps' rows."""
-    path = run / FAILURES
-    old = pd.read_csv(path, dtype=str) if path.is_file() and path.stat().st_size else pd.DataFrame()
-    if len(old.columns) and "stage" in old.columns:
-        old = old[old["stage"] != "attribute"]
-    new = pd.DataFrame(failures, columns=list(FAILURE_COLUMNS)).drop_duplicates("scan_id")
-    out = pd.concat([old, new], ignore_index=True) if len(old.columns) else new
-    write_with(path, partial(out.to_csv, index=False))
-
-
-def merge_parts(
-    run: Path,
-    methods: Sequence[str],
-    fingerprints: dict[str, str],
-    scan_ids: Sequence[str],
-    failures: list[dict[str, str]],
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Read every scan × method part into the two long tables; a missing part is a failure."""
-    reg: list[pd.DataFrame] = []
-    sl: list[pd.DataFrame] = []
-    checks: dict[str, Any] = {}
-    for m in methods:
-        folder = part_dir(run, m, fingerprints[m])
-        for sid in scan_ids:
-            p = folder / f"{sid}.parquet"
-            if not p.is_file():
-                failures.append(
-                    {"scan_id": sid, "stage": "attribute", "reason": f"{m}: no result (a rank stopped?); run again"}
-                )
-                continue
-            reg.append(pd.read_parquet(p))
-            sp = p.with_suffix(".slices.parquet")
-            if sp.is_file():
-                sl.append(pd.read_parquet(sp))
-    attributions = pd.concat(reg, ignore_index=True) if reg else pd.DataFrame(columns=list(ATTRIBUTION_COLUMNS))
-    if "efficiency_error" in attributions.columns:
-        err = attributions.groupby(["subject_id", "visit"])["efficiency_error"].first().abs()
-        checks["shapley_efficiency_max_abs_error_years"] = float(err.max())
-    if "abs_density" not in attributions.columns:  # parts written before the column existed
-        attributions["abs_density"] = attributions["abs_mass"] / attributions["n_voxels"]
-    attributions = attributions[list(ATTRIBUTION_COLUMNS)]
-    attributions = attributions.sort_values(["method", "subject_id", "visit"], kind="mergesort").reset_index(drop=True)
-    slices = pd.concat(sl, ignore_index=True) if sl else pd.DataFrame(columns=list(SLICE_COLUMNS))
-    return attributions, slices[list(SLICE_COLUMNS)], checks
-
-
-def group_table(attributions: pd.DataFrame) -> pd.DataFrame:
-    """Aggregate the long table to region groups (:func:`bodyage.regions.group_of`).
-
-    Masses, absolute masses, voxels and volumes of the members are summed (for region
-    methods the sum of the members' values; ``attribute_run`` replaces ablation's by a
-    joint ablation, :mod:`bodyage.attribute_groups`); share, density, enrichment and
-    abs_density are recomputed. A group is NaN in a scan where all its members are absent.
-    """
-    from bodyage.regions import group_of
-
-    df = attributions.copy()
-    df["region"] = df["region"].map(group_of)
-    keys = ["subject_id", "visit", "method", "region", "fold"]
-    summed = df.groupby(keys, sort=False)[["n_voxels", "volume_ml", "mass", "abs_mass"]].sum(min_count=1).reset_index()
-    scan = ["subject_id", "visit", "method"]
-    body_abs = summed.groupby(scan)["abs_mass"].transform("sum")
-    body_vox = summed.groupby(scan)["n_voxels"].transform("sum")
-    summed["share"] = summed["abs_mass"] / body_abs
-    summed["density"] = summed["mass"] / summed["n_voxels"]
-    summed["enrichment"] = summed["share"] / (summed["n_voxels"] / body_vox)
-    summed["abs_density"] = summed["abs_mass"] / summed["n_voxels"]
-    return summed[list(ATTRIBUTION_COLUMNS)]
-
-
-# ----------------------------------------------------------------------------- recovery
-
-
-def region_importance(attributions: pd.DataFrame, method: str, measure: str | None = None) -> pd.Series:
-    """Mean importance per region over scans (docs/design.md §6), sorted descending.
-
-    ``abs_mass`` means the mean of ``|mass|`` and ``density`` the mean of ``|density|`` (a
-    strongly negative region matters as much as a positive one); regions absent from a scan
-    are left out of that region's mean.
-    """
-    measure = measure or METHODS[method].importance_measure
-    sub = attributions[attributions["method"] == method]
-    vals = sub["mass"].abs() if measure == "abs_mass" else sub[measure]
-    if measure == "density":
-        vals = vals.abs()
-    imp = vals.groupby(sub["region"]).mean().dropna()
-    return imp.sort_values(ascending=False, kind="mergesort")
-
-
-def spearman(a: pd.Series, b: pd.Series) -> float:
-    """Spearman rank correlation over the common index (NaN when undefined)."""
-    both = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").dropna()
-    if len(both) < 3:
-        return math.nan
-    ra, rb = both["a"].rank().to_numpy(), both["b"].rank().to_numpy()
-    if ra.std() == 0 or rb.std() == 0:
-        return math.nan
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def precision_at_k(importance: pd.Series, information: dict[str, float]) -> dict[str, Any]:
-    """precision@k of the planted regions (k = regions with information > 0) and Spearman."""
-    info = pd.Series({str(k): float(v) for k, v in information.items()}, dtype=float)
-    planted = set(info.index[info > 0])
-    k = len(planted)
-    order = sorted(importance.index, key=lambda r: (-float(importance[r]), str(r)))
-    top = order[:k]
-    return {
-        "k": k,
-        "precision_at_k": len(planted.intersection(top)) / k if k else math.nan,
-        "spearman": spearman(info.reindex(importance.index).fillna(0.0), importance),
-        "top_regions": top,
-    }
-
-
-def _importance_of(method: str, measure: str, table: pd.DataFrame) -> pd.Series:
-    """:func:`region_importance` with the arguments in the order :func:`functools.partial` needs."""
-    return region_importance(table, method, measure)
-
-
-def recovery_summary(
-    attributions: pd.DataFrame,
-    study_root: Path,
-    methods: Sequence[str],
-    measures: dict[str, str] | None = None,
-    *,
-    run: Path | None = None,
-) -> dict[str, Any]:
-    """Per method: importance measure, ranking, and on simulated studies precision@k (docs/design.md §6).
-
-    On simulated studies each method also carries what its precision@k must beat
-    (:mod:`bodyage.floors`): ``floors``, ``floor_max``, ``floor_max_by``,
-    ``beats_floors_by`` and, when ``run`` holds ``attributions_null.parquet``, ``nulls``,
-    ``clears_nulls`` and ``beats_nulls_by``. The region signals behind the floors are
-    cached in ``run`` (:func:`bodyage.region_signals.cached_region_signals`).
-    """
-    from bodyage.errors import StudyError
-    from bodyage.floors import NULLS_FILE, floor_scores, floors_entry, margins, null_entry
-    from bodyage.region_signals import cached_region_signals
-
-    truth_path = Path(study_root) / "truth.json"
-    info = None
-    if truth_path.is_file():
-        truth = json.loads(truth_path.read_text(encoding="utf-8"))
-        info = truth.get("region_information")
-    out: dict[str, Any] = {"importance_measure": {}, "methods": {}}
-    imps: dict[str, pd.Series] = {}
-    for m in methods:
-        measure = (measures or {}).get(m, METHODS[m].importance_measure)
-        imps[m] = region_importance(attributions, m, measure)
-        out["importance_measure"][m] = measure
-    scores = None
-    nulls = None
-    floors_note = None
-    if info:
-        try:
-            scores = floor_scores(cached_region_signals(study_root, run))
-        except StudyError as err:  # recorded in the entry: floors_note
-            floors_note = str(err)
-        if run is not None and (Path(run) / NULLS_FILE).is_file():
-            nulls = pd.read_parquet(Path(run) / NULLS_FILE)
-
-    def score(imp: pd.Series) -> float:
-        return float(precision_at_k(imp, info or {})["precision_at_k"])
-
-    for m in methods:
-        entry: dict[str, Any] = {"importance_measure": out["importance_measure"][m]}
-        if info:
-            entry.update(precision_at_k(imps[m], info))
-            if scores is not None:
-                entry.update(floors_entry(scores, score))
-            else:
-                entry.update({"floors": None, "floor_max": None, "floor_max_by": None, "floors_note": floors_note})
-            entry.update(null_entry(nulls, m, imps[m], partial(_importance_of, m, out["importance_measure"][m]), score))
-            margins(entry)
-        else:
-            entry["top_regions"] = list(imps[m].index[:10])
-        entry["agreement_with_ablation"] = spearman(imps[m], imps["ablation"]) if "ablation" in imps else math.nan
-        out["methods"][m] = entry
-    return out

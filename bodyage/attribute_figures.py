@@ -35,7 +35,7 @@ from bodyage.attribution import METHODS
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from bodyage.attribute import AttributeConfig, RunInputs
+    from bodyage.attribute_inputs import AttributeConfig, RunInputs
 
 MAPS_DIR = "attribute/maps"
 #: which scan each anonymous map is (the only place its id is written)
@@ -286,7 +286,7 @@ def slice_figure(
 
 def region_extents(inputs: RunInputs, scan_ids: list[str], max_scans: int = 50) -> pd.DataFrame:
     """Median z-extent (mm from the top) of every region over up to ``max_scans`` scans."""
-    from bodyage.attribute import z_positions
+    from bodyage.attribute_explain import z_positions
 
     names = dict(inputs.labels.names) if inputs.labels is not None else {}
     rows = []
@@ -380,7 +380,7 @@ def save_maps(
     import torch
 
     from bodyage.atomic import write_with
-    from bodyage.attribute import explain_batch
+    from bodyage.attribute_explain import explain_batch
     from bodyage.train import load_fold_model
     from bodyage.volumes import load_volume
 

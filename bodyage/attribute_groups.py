@@ -28,7 +28,7 @@ from bodyage.atomic import write_with
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from bodyage.attribute import AttributeConfig, RunInputs
+    from bodyage.attribute_inputs import AttributeConfig, RunInputs
 
 #: the method whose group values are joint ablations
 JOINT_METHOD = "ablation"
@@ -67,7 +67,7 @@ def joint_ablation(
     """
     import torch
 
-    from bodyage.attribute import part_dir
+    from bodyage.attribute_tables import part_dir
     from bodyage.attribution import group_ablation
     from bodyage.train import load_fold_model
 

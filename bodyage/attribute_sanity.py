@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from bodyage.attribute import AttributeConfig, RunInputs
+    from bodyage.attribute_inputs import AttributeConfig, RunInputs
 
 #: fully randomised copies of each fold model (at least 3: three random-random pairs)
 RANDOM_MODELS = 3
@@ -280,7 +280,7 @@ def sanity_check(
     """
     import torch
 
-    from bodyage.attribute import explain_batch
+    from bodyage.attribute_explain import explain_batch
     from bodyage.train import load_fold_model
 
     rng = np.random.default_rng(cfg.seed)

@@ -20,7 +20,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bodyage.atomic import _host
-from bodyage.attribute import AttributeConfig, attribute_run, check_config, group_table
+from bodyage.attribute import AttributeConfig, attribute_run
+from bodyage.attribute_inputs import check_config
+from bodyage.attribute_tables import group_table
 from bodyage.attribution import attribute_batch, baseline_images, gradcam_maps, region_measures, region_sums
 from bodyage.errors import InputError, RunError
 from bodyage.models import build_model, get_layer

@@ -324,7 +324,7 @@ def test_density_ranks_by_its_absolute_value() -> None:
     imp = region_importance(attr, "gradcam", "density")
     assert list(imp.index) == ["liver", "spleen", "kidney_left"]
     assert imp.loc["liver", "mean"] == pytest.approx(4.5)
-    from bodyage.attribute import region_importance as attribute_importance
+    from bodyage.attribute_recovery import region_importance as attribute_importance
 
     assert list(attribute_importance(attr, "gradcam", "density").index) == ["liver", "spleen", "kidney_left"]
 
@@ -368,7 +368,7 @@ def test_recovery_tex_shows_floors_and_nulls_beside_precision() -> None:
 
 
 def test_attribution_recovery_carries_the_same_floors_and_nulls(tiny_study: Path, tmp_path: Path) -> None:
-    from bodyage.attribute import recovery_summary
+    from bodyage.attribute_recovery import recovery_summary
 
     truth = json.loads((tiny_study / "truth.json").read_text())
     truth["scenario"]["phenotypes"] = {}

@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from bodyage.attribute import ATTRIBUTION_COLUMNS, AttributeConfig, attribute_run, group_table
+from bodyage.attribute import AttributeConfig, attribute_run
 from bodyage.attribute_groups import multi_member_groups, with_joint
 from bodyage.attribute_sanity import calibrated_verdict, randomised_copy
 from bodyage.attribute_stability import fold_stability, kendall_w
+from bodyage.attribute_tables import ATTRIBUTION_COLUMNS, group_table
 from bodyage.attribution import attribute_batch, gradcam_maps, group_ablation, ranking_values, region_measures
 from bodyage.errors import InputError
 from bodyage.models import build_model, get_layer
