@@ -122,6 +122,41 @@ def train(study: Path, run: Path, seed: int, threads: int | None, extra: list[st
     timing_path.write_text(json.dumps(timing, indent=2) + "\n")
 
 
+#: epochs of the schedule's warm-up, left out of the inner-validation spread
+WARMUP_EPOCHS = 5
+
+
+def dynamics(run: Path) -> dict[str, Any]:
+    """What the training logs say about the recipe at this N (``RUN/training_log.csv``).
+
+    ``final_train_loss`` and ``final_inner_val_mae``: the last epoch's training loss and
+    inner-validation MAE (years, mean over folds); training loss near the validation MAE
+    means the model is not fitting the training set better than new subjects (no
+    overfitting: more data or capacity, not regularisation, is what helps).
+    ``inner_val_mae_max``: the largest inner-validation MAE after the warm-up (any fold),
+    the BatchNorm jumps; ``late_improvement``: the mean inner-validation MAE of the ten
+    epochs before the last five minus that of the last five (> 0: still improving when the
+    schedule ended).
+    """
+    path = run / "training_log.csv"
+    if not path.is_file():
+        return {}
+    import pandas as pd
+
+    log = pd.read_csv(path)
+    last = log["epoch"].max()
+    by_epoch = log.groupby("epoch")[["train_loss_years", "val_mae"]].mean()
+    late = by_epoch.loc[last - 4 : last, "val_mae"].mean()
+    before = by_epoch.loc[last - 14 : last - 5, "val_mae"].mean()
+    return {
+        "final_train_loss": float(by_epoch.loc[last, "train_loss_years"]),
+        "final_inner_val_mae": float(by_epoch.loc[last, "val_mae"]),
+        "inner_val_mae_max": float(log.loc[log["epoch"] >= WARMUP_EPOCHS, "val_mae"].max()),
+        "late_improvement": float(before - late),
+        "seconds_per_epoch": float(log["seconds"].median()),
+    }
+
+
 def row(work: Path, n: int, seed: int) -> dict[str, Any] | None:
     """The curve's row of a finished run, or ``None`` if it has not finished."""
     study, run = work / f"study_{n}", work / f"run_{n}_s{seed}"
@@ -150,6 +185,7 @@ def row(work: Path, n: int, seed: int) -> dict[str, Any] | None:
         "grid": record["arguments"].get("grid"),
         "epochs": record["arguments"].get("epochs"),
         "training_dtype": record.get("training_dtype"),
+        **dynamics(run),
         "invocations": len(inv),
         "threads": [i["threads"] for i in inv],
         "load_average": [i["load_before"] for i in inv],
@@ -231,6 +267,17 @@ def summarise(rows: list[dict[str, Any]]) -> str:
             side = "at or below" if maes[-1] <= ys else "above"
             text += f", {side} the model-grid yardstick's {ys:.2f}"
         parts.append(text + ".")
+    fits = [r for r in rows if r.get("final_train_loss") is not None]
+    if fits:
+        gaps = [r["final_inner_val_mae"] - r["final_train_loss"] for r in fits]
+        parts.append(
+            "At the end of training the training loss is within "
+            f"{min(gaps):+.2f} to {max(gaps):+.2f} years of the inner-validation MAE at every N "
+            f"(inner validation jumps to {max(r['inner_val_mae_max'] for r in fits):.1f} years after the warm-up "
+            f"in at least one fold; in the last five epochs it still improved by "
+            f"{min(r['late_improvement'] for r in fits):.2f} to {max(r['late_improvement'] for r in fits):.2f} "
+            "years over the ten before)."
+        )
     if ns:
         worst = max(r["mae_ratio"] for r in rows if r["n_subjects"] == ns[-1])
         verdict = "meets" if worst <= 1.15 else "does not meet"

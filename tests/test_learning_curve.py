@@ -92,3 +92,31 @@ def test_committed_curve_has_the_contract_keys() -> None:
         assert r["mae_ratio"] == pytest.approx(r["mae"] / r["oracle_mae"])
         assert r["machine"]["cpu_model"] and r["bodyage_version"]
         assert "/" not in (r["command"] or "").replace("reports/learning_curve.py", "")  # no machine path
+
+
+def test_training_dynamics_come_from_the_log(tmp_path: Path) -> None:
+    # 2 folds x 20 epochs: validation falls 10 -> 5.25 with one BatchNorm jump to 30 at epoch 7 (fold 1)
+    work, out = tmp_path / "work", tmp_path / "out"
+    _fake_run(work, 300, 0, mae=3.0, oracle=2.0, minutes=[4.0])
+    lines = ["fold,epoch,train_loss_years,val_mae,lr,seconds"]
+    for fold in (0, 1):
+        for epoch in range(20):
+            val = 30.0 if (fold, epoch) == (1, 7) else 10.0 - 0.25 * epoch
+            lines.append(f"{fold},{epoch},{9.0 - 0.2 * epoch},{val},0.001,{2.0 + fold}")
+    (work / "run_300_s0" / "training_log.csv").write_text("\n".join(lines) + "\n")
+
+    got = lc.dynamics(work / "run_300_s0")
+    assert got["final_train_loss"] == pytest.approx(9.0 - 0.2 * 19)
+    assert got["final_inner_val_mae"] == pytest.approx(10.0 - 0.25 * 19)
+    assert got["inner_val_mae_max"] == pytest.approx(30.0)
+    # fold means: epochs 5-14 average 10 - 0.25 * 9.5 plus the jump's (30 - 8.25) / 2 / 10; epochs 15-19: 10 - 0.25 * 17
+    assert got["late_improvement"] == pytest.approx(0.25 * (17 - 9.5) + (30 - 8.25) / 20)
+    assert got["seconds_per_epoch"] == pytest.approx(2.5)
+    assert lc.dynamics(tmp_path) == {}  # no log: no keys
+
+    lc.main([str(work), "--collect", "--out", str(out)])
+    row = json.loads((out / "learning_curve.json").read_text())[0]
+    assert row["final_inner_val_mae"] == pytest.approx(5.25)
+    summary = json.loads((out / "learning_curve_table.json").read_text())["summary"]
+    assert "training loss is within +0.05 to +0.05 years of the inner-validation MAE" in summary
+    assert "jumps to 30.0 years" in summary
