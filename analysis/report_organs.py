@@ -29,16 +29,8 @@ from analysis.organ_outputs import CORRELATION_FIGURE
 from analysis.organ_stats import CLOCKS_FILE, ORGAN_AGES_FILE, ClockTables, load_clocks, organ_gap_models
 from analysis.recovery import TRUTH_FILE
 from analysis.regionmodels import ALPHA
-from analysis.report import (
-    PREAMBLE,
-    REPORT_RECORD,
-    REPORT_TEX,
-    SUMMARY_MD,
-    _previous_outputs,
-    _remove_previous,
-    compile_pdf,
-    default_out,
-)
+from analysis.report import REPORT_RECORD, REPORT_TEX, SUMMARY_MD, _previous_outputs, _remove_previous, default_out
+from analysis.report_tex import PREAMBLE, compile_pdf
 from analysis.run import FIGURES_DIR, STATS_DIR
 from analysis.stats_record import read_stats_record
 from bodyage.errors import InputError
