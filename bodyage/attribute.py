@@ -64,9 +64,7 @@ import numpy as np
 from bodyage.atomic import remove_stale_temps, write_json, write_with
 from bodyage.attribute_explain import _scan_frames, _slice_frames, cohort_means, explain_batch, voxel_ml, z_positions
 from bodyage.attribute_inputs import AttributeConfig, check_config, check_scan_mask, load_run_inputs, resolve_layer
-from bodyage.attribute_inputs import RunInputs as RunInputs  # re-exported: bodyage.nulls imports it from here
 from bodyage.attribute_recovery import recovery_summary
-from bodyage.attribute_recovery import region_importance as region_importance  # re-exported: bodyage.nulls
 from bodyage.attribute_tables import (
     ATTRIBUTION_COLUMNS,
     ATTRIBUTIONS,

@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from bodyage.attribute import AttributeConfig, RunInputs
+    from bodyage.attribute_inputs import AttributeConfig, RunInputs
 
 #: the null kinds, in the order of the tables
 NULL_KINDS: tuple[str, ...] = ("random_weights", "permuted_labels")
@@ -317,7 +317,7 @@ def explain_random_copies(
     """
     import torch
 
-    from bodyage.attribute import _scan_frames, explain_batch, voxel_ml
+    from bodyage.attribute_explain import _scan_frames, explain_batch, voxel_ml
     from bodyage.attribution import scan_values
 
     run = inputs.run
@@ -384,7 +384,7 @@ def merge_nulls(
     RunError
         If a random copy's result of a scan is missing (a rank stopped): run again.
     """
-    from bodyage.attribute import ATTRIBUTION_COLUMNS
+    from bodyage.attribute_tables import ATTRIBUTION_COLUMNS
 
     frames: list[pd.DataFrame] = []
     for c in range(nulls.copies):
@@ -424,7 +424,7 @@ def null_bands(
 ) -> pd.DataFrame:
     """Per method, region and null kind: trained importance beside the null's band over copies.
 
-    Importance is :func:`bodyage.attribute.region_importance` with the method's measure,
+    Importance is :func:`bodyage.attribute_recovery.region_importance` with the method's measure,
     computed for the trained model and for each null copy alike (a cohort mean over the
     scans each explains). ``null_low``/``null_high`` are the 2.5 and 97.5 % quantiles over
     copies (with one copy, the permuted-label model's, the band is that value);
@@ -437,7 +437,7 @@ def null_bands(
     every region of the trained model for its scale alone. ``above_share_band``: the
     region takes a larger part of the trained model's importance than the null's 97.5 %.
     """
-    from bodyage.attribute import region_importance
+    from bodyage.attribute_recovery import region_importance
 
     rows: list[dict[str, Any]] = []
     for m, measure in measures.items():
