@@ -346,7 +346,7 @@ def _attribution_inputs(
     import torch
 
     from bodyage.models import build_model
-    from bodyage.train import TrainConfig
+    from bodyage.train_config import TrainConfig
 
     cfg = TrainConfig()
     torch.manual_seed(0)
@@ -377,7 +377,7 @@ def bench_gradcam(sizes: BenchSizes, device: torch.device, grid: tuple[int, int,
     from bodyage.attribute import AttributeConfig
     from bodyage.attribution import DEFAULT_METHODS, IG_STEPS, METHODS, attribute_batch, gradcam_maps, region_means
     from bodyage.models import get_layer, get_model_spec
-    from bodyage.train import TrainConfig
+    from bodyage.train_config import TrainConfig
 
     try:
         from pytorch_grad_cam import GradCAM
@@ -520,9 +520,10 @@ def bench_loader(
     from torch import nn
 
     from bodyage.models import build_model
-    from bodyage.preprocess import PreprocessSettings, build_cache
+    from bodyage.preprocess import PreprocessSettings, auto_grid, build_cache
     from bodyage.study import load_study
-    from bodyage.train import ScanTensors, TrainConfig, augment_batch, auto_grid, autocast_dtype, dtype_name
+    from bodyage.train_config import TrainConfig, autocast_dtype, dtype_name
+    from bodyage.train_data import ScanTensors, augment_batch
 
     study_dir = workdir / "study"
     _write_study(study_dir, sizes)
@@ -718,7 +719,8 @@ def run_bench(
         Unknown device, or ``grad-cam`` missing.
     """
     from bodyage.device import resolve_device
-    from bodyage.train import TrainConfig, auto_grid
+    from bodyage.preprocess import auto_grid
+    from bodyage.train_config import TrainConfig
 
     t_start = time.perf_counter()
     dev = resolve_device(device)

@@ -53,7 +53,7 @@ from bodyage.progress import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from bodyage.crop import CropSpec
-    from bodyage.train import TrainConfig
+    from bodyage.train_config import TrainConfig
 
 #: the whole-body run's name among the clocks (reserved: no set entry may use it)
 WHOLE_BODY = "whole_body"
@@ -296,7 +296,8 @@ def run_clocks(
     InputError
         For a bad set (see :func:`plan_clocks`), before anything is trained.
     """
-    from bodyage.train import TrainConfig, train_run
+    from bodyage.train import train_run
+    from bodyage.train_config import TrainConfig
 
     started = time.perf_counter()
     cfg = config or TrainConfig()

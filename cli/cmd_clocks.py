@@ -35,7 +35,7 @@ def clocks(
     """Train the whole-body model and one organ age clock per set entry; write organ age gaps."""
     from bodyage.clocks import read_clock_set, run_clocks
     from bodyage.errors import InputError
-    from bodyage.train import TrainConfig
+    from bodyage.train_config import TrainConfig
 
     if quiet:
         STATE.quiet = True

@@ -74,7 +74,8 @@ def train(
     """Train a k-fold 3D CNN age regressor with out-of-fold predictions."""
     from bodyage.accuracy import accuracy_text
     from bodyage.errors import InputError
-    from bodyage.train import TrainConfig, parse_grid, train_run
+    from bodyage.train import train_run
+    from bodyage.train_config import TrainConfig, parse_grid
 
     if quiet:
         STATE.quiet = True

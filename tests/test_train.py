@@ -20,9 +20,11 @@ import pytest
 from typer.testing import CliRunner
 
 from bodyage.accuracy import baseline_predictions, informative
+from bodyage.checkpoints import load_fold_model
 from bodyage.errors import CheckpointError, InputError, RunError
 from bodyage.folds import BiasCorrection, assign_folds, inner_split, regression_metrics
-from bodyage.train import TrainConfig, load_fold_model, parse_grid, train_run
+from bodyage.train import TrainConfig, train_run
+from bodyage.train_config import parse_grid
 from cli.app import app
 
 runner = CliRunner()
@@ -505,7 +507,7 @@ def test_reduced_precision_keeps_the_head_in_float32(model: str) -> None:
     import torch
 
     from bodyage.models import build_model
-    from bodyage.train import autocast_dtype
+    from bodyage.train_config import autocast_dtype
 
     torch.manual_seed(0)
     net = build_model(model, 2, widths=[4, 8, 8]).eval()
@@ -527,8 +529,6 @@ def test_reduced_precision_keeps_the_head_in_float32(model: str) -> None:
 
 
 def test_checkpoints_record_the_training_precision(tiny_run: Path) -> None:
-    from bodyage.train import load_fold_model
-
     _, hp = load_fold_model(tiny_run / "models" / "fold0.pt")
     assert hp["training_dtype"] in ("bfloat16", "float32")
 
@@ -537,7 +537,7 @@ def test_augmentation_equals_grid_sample_of_the_same_transform() -> None:
     import torch
     import torch.nn.functional as F
 
-    from bodyage.train import augment_batch
+    from bodyage.train_data import augment_batch
 
     cfg = replace(TrainConfig(), max_scale=0.1, max_shift_voxels=3, intensity_jitter=0.0)
     x = torch.rand(5, 2, 9, 7, 12)

@@ -92,14 +92,14 @@ def test_nan_validation_predictions_stop_the_run(
 ) -> None:
     # finite training losses, NaN predictions in eval mode: what overflowing batch-norm
     # running statistics do while each batch's own statistics stay finite
-    import bodyage.train
+    import bodyage.train_fold
 
-    predict = bodyage.train.predict
+    predict = bodyage.train_fold.predict
 
     def nan_predict(*args: Any, **kwargs: Any) -> np.ndarray:
         return predict(*args, **kwargs) * np.nan
 
-    monkeypatch.setattr(bodyage.train, "predict", nan_predict)
+    monkeypatch.setattr(bodyage.train_fold, "predict", nan_predict)
     cfg = replace(TINY, precision="bf16")
     with pytest.raises(
         RunError,
