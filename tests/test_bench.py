@@ -134,13 +134,13 @@ def test_unknown_device_is_one_line_error() -> None:
 
 
 def test_goal_bookkeeping() -> None:
-    from bodyage.bench import _comparison
+    from bodyage.bench_timing import comparison
 
-    c = _comparison("x", "s", "ours", "ref", 1.0, 60.0, "speedup", (">=", 50.0), "why")
+    c = comparison("x", "s", "ours", "ref", 1.0, 60.0, "speedup", (">=", 50.0), "why")
     assert c.ratio == 60.0 and c.met is True and c.reason is None
-    c = _comparison("x", "s", "ours", "ref", 6.0, 1.0, "cost", ("<=", 4.0), "why")
+    c = comparison("x", "s", "ours", "ref", 6.0, 1.0, "cost", ("<=", 4.0), "why")
     assert c.ratio == 6.0 and c.met is False and c.reason == "measured 6, goal <= 4: why"
-    c = _comparison("x", "s", "ours", "ref", 2.0, 1.0, "cost")
+    c = comparison("x", "s", "ours", "ref", 2.0, 1.0, "cost")
     assert c.goal is None and c.met is None and c.reason is None
 
 
