@@ -120,3 +120,47 @@ def test_training_dynamics_come_from_the_log(tmp_path: Path) -> None:
     summary = json.loads((out / "learning_curve_table.json").read_text())["summary"]
     assert "training loss is within +0.05 to +0.05 years of the inner-validation MAE" in summary
     assert "jumps to 30.0 years" in summary
+
+
+def _row(n: int, mae: float, **extra: object) -> dict[str, object]:
+    base = {"n_subjects": n, "seed": 0, "mae": mae, "grid": [32, 24, 64]}
+    base |= {"yardstick_mae_native": 4.5, "yardstick_mae_model_grid": 5.2}
+    return base | extra
+
+
+def test_recipe_names_a_plateau_underfitting_and_the_grid() -> None:
+    rows = [
+        _row(1000, 5.03),
+        _row(3000, 4.95, final_train_loss=4.85, final_inner_val_mae=4.89),
+    ]
+    text = lc.recipe(rows)
+    assert "fell by 0.08 years (5.03 → 4.95), less than 0.25" in text
+    assert "final training loss (4.85 years) is within 0.5 of the inner-validation MAE (4.89)" in text
+    assert "underfits" in text
+    assert "better at the simulated grid (4.50) than the CNN does at its 32×24×64 model grid (4.95" in text
+
+
+def test_recipe_says_when_data_still_help_and_the_grid_is_not_indicated() -> None:
+    rows = [
+        _row(300, 6.4, yardstick_mae_native=5.6),
+        _row(1000, 4.4, final_train_loss=2.0, final_inner_val_mae=4.5),
+    ]
+    text = lc.recipe(rows)
+    assert "fell by 2.00 years" in text and "still data-limited" in text
+    assert "overfits" in text
+    assert "a finer grid is not indicated" in text
+    assert lc.recipe(rows[:1]).startswith("Too few study sizes")
+
+
+def test_collect_keeps_a_rows_numbers_and_adds_its_training_dynamics(tmp_path: Path) -> None:
+    work, out = tmp_path / "work", tmp_path / "out"
+    _fake_run(work, 300, 0, mae=3.0, oracle=2.0, minutes=[4.0])
+    log = ["fold,epoch,train_loss_years,val_mae,lr,seconds"] + [f"0,{e},5.0,6.0,0.001,1.0" for e in range(20)]
+    (work / "run_300_s0" / "training_log.csv").write_text("\n".join(log) + "\n")
+    out.mkdir()
+    old = dict.fromkeys(CONTRACT, 1.0) | {"n_subjects": 300, "seed": 0, "mae": 3.3, "oracle_mae": 2.0}
+    (out / "learning_curve.json").write_text(json.dumps([old | {"mae_ratio": 1.65}]))
+    lc.main([str(work), "--collect", "--out", str(out)])
+    (got,) = json.loads((out / "learning_curve.json").read_text())
+    assert got["mae"] == 3.3  # the committed measurement, not the run folder's 3.0
+    assert got["final_train_loss"] == 5.0 and got["final_inner_val_mae"] == 6.0
