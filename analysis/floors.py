@@ -13,6 +13,7 @@ largest floor and each null (:func:`baseline_text`). A precision@k is never show
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ from bodyage.errors import InputError, StudyError
 from bodyage.floors import FLOOR_NAMES, NULL_KINDS, NULL_NAMES, NULLS_FILE, floor_scores
 from bodyage.region_signals import cached_region_signals
 
+#: where ``attribute`` records the ranking's stability over fold models and runs
+STABILITY_SOURCE = "attribution_recovery.json"
 #: columns ``attributions_null.parquet`` must have beyond those used for importance
 NULL_COLUMNS: tuple[str, ...] = ("null", "copy", "method", "region", "subject_id", "visit")
 
@@ -50,6 +53,31 @@ def read_nulls(run_root: str | os.PathLike[str] | None) -> pd.DataFrame | None:
     if unknown:
         raise InputError(f"{path}: column 'null' must hold {' or '.join(NULL_KINDS)}; found {unknown[0]!r}")
     return table
+
+
+def read_stability(run_root: str | os.PathLike[str] | None) -> dict[str, dict[str, Any]]:
+    """Per method, the run-to-run stability ``attribute`` recorded in ``RUN/attribution_recovery.json``.
+
+    ``stability`` (over the fold models: Kendall's W, top-k Jaccard) and, where ``--runs``
+    was given, ``run_stability`` (over training runs); ``{}`` for a run attributed without
+    them. ``recovery.json`` carries them beside the floors and nulls, so a precision@k is
+    read with how much the ranking moves between models.
+    """
+    if run_root is None:
+        return {}
+    path = Path(run_root) / STABILITY_SOURCE
+    if not path.is_file():
+        return {}
+    try:
+        methods = json.loads(path.read_text(encoding="utf-8")).get("methods") or {}
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise InputError(f"{path}: not a readable attribution_recovery.json ({err})") from err
+    out: dict[str, dict[str, Any]] = {}
+    for method, entry in methods.items():
+        kept = {k: entry[k] for k in ("stability", "run_stability") if isinstance(entry, dict) and k in entry}
+        if kept:
+            out[str(method)] = kept
+    return out
 
 
 def study_floor_scores(

@@ -20,7 +20,10 @@ returns the dictionary ``report`` writes to ``RUN/recovery.json`` (the keys of d
     model-free rankings), ``floor_max``, ``floor_max_by``, ``beats_floors_by``
     (precision@k − ``floor_max``) and, when ``RUN/attributions_null.parquet`` exists,
     ``nulls`` ({``random_weights``, ``permuted_labels``}: precision@k of the null copies,
-    ``ci_low``, ``ci_high``, ``n_copies``), ``clears_nulls`` and ``beats_nulls_by``.
+    ``ci_low``, ``ci_high``, ``n_copies``), ``clears_nulls`` and ``beats_nulls_by``; and how
+    much the ranking moves between models: ``stability`` (over the fold models: Kendall's W,
+    top-k Jaccard) and, with ``attribute --runs``, ``run_stability``, as ``attribute``
+    recorded them in ``attribution_recovery.json`` (``stability`` is ``None`` without).
 ``phenotypes[<phenotype>]``
     ``planted`` (the scenario accelerates some region's ageing), ``gap_effect``,
     ``ci_low``, ``ci_high``, ``q`` (separate phenotype model on the corrected gap),
@@ -51,7 +54,7 @@ import numpy as np
 import pandas as pd
 
 from analysis._typing import METHOD_IMPORTANCE_MEASURES, REGION_LEVEL_METHODS
-from analysis.floors import no_floors, read_nulls, study_floor_scores
+from analysis.floors import no_floors, read_nulls, read_stability, study_floor_scores
 from analysis.recovery_tex import ABS_MASS, RECOVERY_FILE, RECOVERY_TEX, recovery_latex, write_recovery
 from analysis.regionmodels import ALPHA
 from analysis.run import RunTables, as_run
@@ -410,6 +413,7 @@ def recovery(
     importances: dict[str, pd.Series] = {}
     scores, n_floor_scans, floors_note = study_floor_scores(tables.study_root, tables.root)
     nulls = read_nulls(tables.root)
+    stability = read_stability(tables.root)
 
     def score(imp: pd.Series) -> float:
         return float(method_recovery(imp, information)["precision_at_k"])
@@ -436,6 +440,7 @@ def recovery(
                 score,
             )
         )
+        entry.update(stability.get(method, {"stability": None}))  # run-to-run: over folds (and --runs)
         out["methods"][method] = margins(entry)
     for method, entry in out["methods"].items():
         ref = importances.get(REFERENCE_METHOD)

@@ -15,7 +15,7 @@ from factories import REGIONS, make_tables, write_run
 from scipy.stats import spearmanr
 
 from analysis._typing import METHOD_IMPORTANCE_MEASURES
-from analysis.floors import baseline_text, precision_text, read_nulls
+from analysis.floors import baseline_text, precision_text, read_nulls, read_stability
 from analysis.recovery import importance_measure, method_recovery, recovery, region_importance
 from bodyage.errors import InputError
 from bodyage.floors import FLOORS, floor_scores, floors_entry, margins, null_entry
@@ -219,6 +219,23 @@ def test_recovery_carries_nulls_and_says_floors_are_missing(factory_run: Path, t
         "ablation 0.75 (floors: not computed; permuted-label null 0.75 [0.75, 0.75] (1 copy); "
         "random-weight null 0.33 [0.25, 0.49])"
     )
+
+
+def test_recovery_carries_the_rankings_run_to_run_stability(factory_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(factory_run, run)
+    assert recovery(run, _truth())["methods"]["ablation"]["stability"] is None  # attribute recorded none
+    stab = {"n_folds": 5, "k": 4, "kendall_w": 0.93, "top_k_jaccard_mean": 0.66, "top_k_jaccard_min": 0.6}
+    runs = {"n_runs": 3, "kendall_w": 0.8}
+    record = {"methods": {"ablation": {"stability": stab, "run_stability": runs}}}
+    (run / "attribution_recovery.json").write_text(json.dumps(record))
+    rec = recovery(run, _truth())
+    assert rec["methods"]["ablation"]["stability"] == stab
+    assert rec["methods"]["ablation"]["run_stability"] == runs
+    assert rec["methods"]["gradcam"]["stability"] is None and "run_stability" not in rec["methods"]["gradcam"]
+    (run / "attribution_recovery.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"attribution_recovery.json: not a readable attribution_recovery.json"):
+        read_stability(run)
 
 
 def test_read_nulls_checks_columns(tmp_path: Path) -> None:
