@@ -237,6 +237,22 @@ def sanity_rows(sanity: dict[str, Any] | None) -> list[list[Any]]:
     return rows
 
 
+#: the steps ``attribute.json`` times under ``cost``, as the validation page names them
+NULL_STEPS = {
+    "trained_attribute": "the trained model's attribution",
+    "random_weights": "randomised-weight copies",
+    "permuted_train": "permuted-label model: training",
+    "permuted_attribute": "permuted-label model: attribution",
+}
+
+
+def null_cost(attribute_record: dict[str, Any]) -> dict[str, Any]:
+    """The demo's null-model settings (``attribute.json`` arguments) and each step's wall minutes (``cost``)."""
+    cost = attribute_record.get("cost") or {}
+    minutes = {k: round(float(v["wall"]) / 60.0, 3) for k, v in cost.items() if isinstance(v, dict) and "wall" in v}
+    return {"settings": (attribute_record.get("arguments") or {}).get("nulls"), "minutes": minutes}
+
+
 def demo_results(demo: Path) -> dict[str, Any]:
     """The numbers of one demo folder (``DIR/study``, ``DIR/run``, ``DIR/report``).
 
@@ -259,6 +275,7 @@ def demo_results(demo: Path) -> dict[str, Any]:
     goals = recovery.get("goals") or {}
     evaluated = [g.get("met") for g in goals.values() if g.get("met") is not None]
     folds = metrics.get("folds") or {}
+    null_models = null_cost(read_json(run / "attribute.json") or {})
     return {
         "schema": 1,
         "source": {
@@ -283,7 +300,14 @@ def demo_results(demo: Path) -> dict[str, Any]:
         "informative": metrics.get("informative"),
         "goals_met": f"{sum(bool(m) for m in evaluated)} of {len(evaluated)}" if evaluated else None,
         "minutes": {**{k: v for k, v in stages.items()}, "total": sum(known) if known else None},
+        "null_models": null_models,
         "tables": {
+            "null_cost": table(
+                ["step of the attribute stage", "minutes"],
+                [[NULL_STEPS.get(k, k), fmt(v, 1)] for k, v in null_models["minutes"].items()],
+            )
+            if null_models["minutes"]
+            else None,
             "stages": table(
                 ["stage", "minutes"], [[k, fmt(v, 1)] for k, v in stages.items()] + [["total", fmt(sum(known), 1)]]
             )

@@ -102,6 +102,13 @@ def demo_dir(tmp_path: Path) -> Path:
             }
         },
     )
+    _write(
+        demo / "run" / "attribute.json",
+        {
+            "arguments": {"nulls": {"copies": 3, "permuted": True, "scans": 100, "permuted_folds": 2}},
+            "cost": {"trained_attribute": {"wall": 50.0, "cpu": 97.0}, "permuted_train": {"wall": 60.0, "cpu": 119.0}},
+        },
+    )
     (demo / "run" / "figures").mkdir(parents=True)
     (demo / "run" / "figures" / "predicted_vs_age.png").write_bytes(b"\x89PNG")
     return demo
@@ -173,6 +180,11 @@ def test_docs_results_writes_every_number_the_results_pages_use(demo_dir: Path, 
     assert demo["tables"]["phenotypes"]["rows"][0][4] == "5.0e-06"
     assert demo["tables"]["sanity"]["rows"] == [["`gradcam`", "abs_mass", "0.80", None, None, None, "no"]]
     assert demo["figures"] == ["predicted_vs_age.png"]
+    assert demo["null_models"]["settings"]["permuted_folds"] == 2  # the demo's documented subset, named
+    assert demo["tables"]["null_cost"]["rows"] == [
+        ["the trained model's attribution", "0.8"],
+        ["permuted-label model: training", "1.0"],
+    ]
     results = hooks.load_results(out)
     assert results["bench"]["tables"]["projection"]["rows"][-1] == ["**total** (default methods)", "21.6"]
     # every placeholder of the results pages names a key the script writes
