@@ -122,6 +122,8 @@ def train(study: Path, run: Path, seed: int, threads: int | None, extra: list[st
     timing_path.write_text(json.dumps(timing, indent=2) + "\n")
 
 
+#: an epoch longer than this multiple of the median epoch was paused, not slow
+PAUSE_FACTOR = 30
 #: epochs of the schedule's warm-up, left out of the inner-validation spread
 WARMUP_EPOCHS = 5
 
@@ -154,6 +156,7 @@ def dynamics(run: Path) -> dict[str, Any]:
         "inner_val_mae_max": float(log.loc[log["epoch"] >= WARMUP_EPOCHS, "val_mae"].max()),
         "late_improvement": float(before - late),
         "seconds_per_epoch": float(log["seconds"].median()),
+        "longest_epoch_seconds": float(log["seconds"].max()),
     }
 
 
@@ -279,6 +282,14 @@ def summarise(rows: list[dict[str, Any]]) -> str:
             f"{min(r['late_improvement'] for r in fits):.2f} to {max(r['late_improvement'] for r in fits):.2f} "
             "years over the ten before)."
         )
+    for r in rows:  # a run stopped and continued (SIGSTOP/SIGCONT, a suspended job) counts the pause as wall time
+        longest, median = r.get("longest_epoch_seconds"), r.get("seconds_per_epoch")
+        if longest is not None and median and r.get("train_minutes") and longest > PAUSE_FACTOR * median:
+            parts.append(
+                f"The train minutes of N = {r['n_subjects']}, seed {r['seed']} include a pause: one epoch took "
+                f"{longest / 60:.1f} min against a median of {median:.1f} s; without it, about "
+                f"{r['train_minutes'] - (longest - median) / 60:.1f} min."
+            )
     if ns:
         worst = max(r["mae_ratio"] for r in rows if r["n_subjects"] == ns[-1])
         verdict = "meets" if worst <= 1.15 else "does not meet"

@@ -112,6 +112,7 @@ def test_training_dynamics_come_from_the_log(tmp_path: Path) -> None:
     # fold means: epochs 5-14 average 10 - 0.25 * 9.5 plus the jump's (30 - 8.25) / 2 / 10; epochs 15-19: 10 - 0.25 * 17
     assert got["late_improvement"] == pytest.approx(0.25 * (17 - 9.5) + (30 - 8.25) / 20)
     assert got["seconds_per_epoch"] == pytest.approx(2.5)
+    assert got["longest_epoch_seconds"] == pytest.approx(3.0)
     assert lc.dynamics(tmp_path) == {}  # no log: no keys
 
     lc.main([str(work), "--collect", "--out", str(out)])
@@ -164,3 +165,13 @@ def test_collect_keeps_a_rows_numbers_and_adds_its_training_dynamics(tmp_path: P
     (got,) = json.loads((out / "learning_curve.json").read_text())
     assert got["mae"] == 3.3  # the committed measurement, not the run folder's 3.0
     assert got["final_train_loss"] == 5.0 and got["final_inner_val_mae"] == 6.0
+
+
+def test_summary_names_a_paused_run_and_its_minutes_without_the_pause() -> None:
+    row = {"n_subjects": 1000, "seed": 1, "mae": 5.0, "mae_ratio": 1.4, "yardstick_mae_model_grid": None}
+    paused = row | {"train_minutes": 89.3, "seconds_per_epoch": 6.0, "longest_epoch_seconds": 3600.0}
+    text = lc.summarise([paused])
+    assert "N = 1000, seed 1 include a pause: one epoch took 60.0 min against a median of 6.0 s" in text
+    assert "without it, about 29.4 min" in text
+    steady = row | {"train_minutes": 30.0, "seconds_per_epoch": 6.0, "longest_epoch_seconds": 90.0}
+    assert "pause" not in lc.summarise([steady])
