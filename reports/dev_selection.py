@@ -213,6 +213,16 @@ def score_candidates(run: Path, study: Path, args: argparse.Namespace) -> dict[s
     }
 
 
+def study_size(study: Path) -> dict[str, Any]:
+    """The dev study's subjects, scans and scenario seed, from its ``study.json`` (``None`` where it does not say)."""
+    record = json.loads((study / "study.json").read_text(encoding="utf-8"))
+    return {
+        "subjects": record.get("n_subjects"),
+        "study_scans": record.get("n_scans"),
+        "scenario_seed": record.get("seed"),
+    }
+
+
 def tables(res: dict[str, Any]) -> dict[str, Any]:
     """The docs' tables ({"columns", "rows"}): one for GradCAM (layer x measure), one for the baselines."""
     measures = list(GRADCAM_MEASURES)
@@ -272,11 +282,21 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON lines of steps run before ({name, command (list), wall_min, load_start, load_end, started})",
     )
     ap.add_argument("--steps", default="train_dev", help="names of the --steps-log steps to record")
+    ap.add_argument(
+        "--settings-only",
+        action="store_true",
+        help="add the dev study's size (study.json) to an existing --out's settings; no training, no scoring",
+    )
     args = ap.parse_args(argv)
     args.layers = [s for s in args.layers.split(",") if s]
     args.baselines = [s for s in args.baselines.split(",") if s]
 
     study, run = args.study or args.work / "study", args.run or args.work / "run"
+    if args.settings_only:
+        res = json.loads(args.out.read_text(encoding="utf-8"))
+        res["settings"] |= study_size(study)
+        write_json(args.out, res)
+        return
     started = utc_minute()
     load_start = load_average(1)
     names = {str(study): "dev/study", str(run): "dev/run"}
@@ -307,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         "baselines": args.baselines,
         "gradcam_measures": list(GRADCAM_MEASURES),
         "scans": res.pop("n_scans"),
+        **study_size(study),
     }
     res["model"] = {
         "mae": metrics["overall"]["mae"],

@@ -166,3 +166,15 @@ def test_dev_selection_refuses_an_uninformative_dev_model(tmp_path: Path) -> Non
     with pytest.raises(SystemExit, match=r"dev model is uninformative \(out-of-fold MAE 9.00 y vs .* 8.94 y\)"):
         dev.main(argv)
     assert not out.exists()
+
+
+def test_dev_selection_settings_only_adds_the_study_size_and_keeps_the_rest(tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"n_subjects": 1000, "n_scans": 1135, "seed": 1}))
+    out = tmp_path / "dev_selection.json"
+    out.write_text(json.dumps({"settings": {"folds": 5, "scans": 120}, "k": 7}))
+    dev.main(["--work", str(tmp_path), "--study", str(study), "--out", str(out), "--settings-only"])
+    res = json.loads(out.read_text())
+    assert res["k"] == 7
+    assert res["settings"] == {"folds": 5, "scans": 120, "subjects": 1000, "study_scans": 1135, "scenario_seed": 1}
