@@ -56,9 +56,9 @@ def probe(root: Path, factor: int = 2) -> dict[int, float]:
     rows: dict[int, list[np.ndarray]] = {1: [], factor: []}
     f = factor
     for r in cohort.itertuples():
-        water = np.asarray(load_volume(study.path(r.water), dtype=np.float32).data)
-        fat = np.asarray(load_volume(study.path(r.fat), dtype=np.float32).data)
-        mask = np.asarray(load_volume(study.path(r.mask)).data).astype(np.int64)
+        water = np.asarray(load_volume(study.path(str(r.water)), dtype=np.float32).data)
+        fat = np.asarray(load_volume(study.path(str(r.fat)), dtype=np.float32).data)
+        mask = np.asarray(load_volume(study.path(str(r.mask))).data).astype(np.int64)
         rows[1].append(region_features(water, fat, mask, n_labels))
         coarse_mask = mask[: mask.shape[0] // f * f : f, : mask.shape[1] // f * f : f, : mask.shape[2] // f * f : f]
         rows[f].append(region_features(coarsen(water, f), coarsen(fat, f), coarse_mask, n_labels))
