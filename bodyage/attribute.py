@@ -204,9 +204,8 @@ def attribute_run(
     import torch
 
     from bodyage.device import resolve_device
-    from bodyage.distributed import shard, world_info
+    from bodyage.distributed import rank_group, shard, world_info
     from bodyage.provenance import build_run_record, finish_run_record, write_record
-    from bodyage.segment import rank_group
     from bodyage.train import load_fold_model
 
     started = time.perf_counter()

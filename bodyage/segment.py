@@ -28,9 +28,10 @@ replaced; the summary says how many.
 
 **Scale.** Under ``torchrun --nproc_per_node N`` the scans are split by rank
 (:func:`bodyage.distributed.shard`); each rank writes only its scans' masks and records,
-then all ranks meet at a ``torch.distributed`` barrier (gloo backend, no GPU needed, a
-timeout of days since shards finish at different times), after which rank 0 merges the
-per-scan records into the tables. The merge reads only the records, so a run whose ranks
+then all ranks meet at a ``torch.distributed`` barrier
+(:func:`bodyage.distributed.rank_group`; gloo backend, no GPU needed, a timeout of days
+since shards finish at different times), after which rank 0 merges the per-scan records
+into the tables. The merge reads only the records, so a run whose ranks
 all finished but whose merge was lost is completed by running the command again.
 
 **Failures.** A scan that fails (an unreadable or normalised image, a mask that does not
@@ -51,15 +52,15 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from bodyage.distributed import rank_group as rank_group  # moved there; importable from here as before
 from bodyage.errors import InputError, SegmentationError
 from bodyage.progress import NO_PROGRESS, Progress
 from bodyage.segment_config import build_config, study_label_table
@@ -151,44 +152,6 @@ class SegmentSummary:
             lack += f"; {len(self.absent)} regions in no scan ({shown})"
         notes = f"; {self.n_notes} scans with notes ({NOTES_FILE})" if self.n_notes else ""
         return f"segment: {head}; {lack}{notes}; tables in {self.study / MASKS_DIR}"
-
-
-# ---------------------------------------------------------------- ranks
-
-
-@contextmanager
-def rank_group(world: Any) -> Iterator[Any]:
-    """Join the torchrun process group (gloo) for the final barrier; no-op on one process.
-
-    Yields a callable that blocks until every rank has called it. The group is created
-    only if none exists (a caller's own group is used and left alone) and destroyed on
-    exit.
-    """
-    if not world.distributed:
-        yield lambda: None
-        return
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    already = sys.modules.get("torch.distributed")
-    if missing and not (already is not None and already.is_initialized()):
-        raise InputError(
-            f"WORLD_SIZE={world.world_size} but {', '.join(missing)} is not set: start the ranks with torchrun"
-        )
-    import datetime
-
-    import torch.distributed as dist
-
-    if not dist.is_available():  # pragma: no cover - CPU builds have gloo
-        raise InputError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    created = False
-    if not dist.is_initialized():
-        # shards finish hours apart: the barrier must wait that long
-        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(days=7))
-        created = True
-    try:
-        yield dist.barrier
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- the step

@@ -305,6 +305,18 @@ def test_distributed_without_torchrun_variables_is_an_error(study: Path, monkeyp
         segment_study(study, source=study.parent / "ts")
 
 
+def test_rank_group_lives_in_distributed_and_segment_re_exports_it() -> None:
+    code = (
+        "import sys; from bodyage.distributed import rank_group; "
+        "print(sorted(m for m in ('torch', 'bodyage.segment') if m in sys.modules)); "
+        "from bodyage.segment import rank_group as again; print(again is rank_group)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert res.returncode == 0, res.stderr
+    # distributed imports neither torch nor segment (no import circle); segment's name is the same object
+    assert res.stdout.split("\n")[:2] == ["[]", "True"]
+
+
 # ---------------------------------------------------------------- the "done when" on a simulated study
 
 
