@@ -97,8 +97,19 @@ def _num(v: Any) -> float:
         return math.nan
 
 
-def _g(v: Any) -> str:
-    """Three significant digits (importance measures have no common scale); "n/a" if not a finite number."""
+def fmt_significant(v: Any) -> str:
+    """Format a number with three significant digits (importance measures have no common scale).
+
+    Parameters
+    ----------
+    v : Any
+        The value; anything :class:`float` accepts.
+
+    Returns
+    -------
+    str
+        ``v`` with three significant digits, or ``"n/a"`` if it is not a finite number.
+    """
     try:
         x = float(v)
     except (TypeError, ValueError):
@@ -137,11 +148,12 @@ def header_note(ctx: RegionContext, method: str, measure: str) -> str:
 
 def region_line(i: int, region: str, row: pd.Series, ctx: RegionContext, method: str, measure: str) -> str:
     """One numbered line: display name, mean [CI] (n), fold min–max, share beside the null bands."""
-    ci = f"[{_g(row['ci_low'])}, {_g(row['ci_high'])}]"
-    text = f"{i}. {display_name(region)}: {_g(row['mean'])} {ci} (n = {int(row['n'])})"
+    ci = f"[{fmt_significant(row['ci_low'])}, {fmt_significant(row['ci_high'])}]"
+    text = f"{i}. {display_name(region)}: {fmt_significant(row['mean'])} {ci} (n = {int(row['n'])})"
     folds = ctx.folds(method, measure)
     if folds is not None and region in folds.index and _num(folds.at[region, "n_folds"]) > 1:
-        text += f"; fold models {_g(folds.at[region, 'fold_min'])}–{_g(folds.at[region, 'fold_max'])}"
+        low, high = fmt_significant(folds.at[region, "fold_min"]), fmt_significant(folds.at[region, "fold_max"])
+        text += f"; fold models {low}–{high}"
     nulls = ctx.nulls(method, measure)
     if nulls is not None:
         mine = nulls[nulls["region"].astype(str) == region]

@@ -47,9 +47,9 @@ from typing import Any
 from analysis.floors import baseline_text
 from analysis.recovery import RECOVERY_FILE, RECOVERY_TEX, read_truth, recovery, write_recovery
 from analysis.regionmodels import ALPHA
-from analysis.report_gather import _gather
-from analysis.report_summary import _f, _measure_name, _summary
-from analysis.report_tex import _document, compile_pdf
+from analysis.report_gather import gather_outputs
+from analysis.report_summary import fmt_number, measure_text, summary_markdown
+from analysis.report_tex import compile_pdf, tex_document
 from analysis.run import STATS_DIR, load_run
 from analysis.stats_record import read_stats_record, stats_stale
 from bodyage.errors import InputError
@@ -105,7 +105,7 @@ class ReportResult:
             for method, m in rec["methods"].items():
                 lines.append(
                     f"{method}: precision@{m['k']} {m['precision_at_k']:.2f} ({baseline_text(m)}), "
-                    f"spearman {_f(m['spearman'])} ({_measure_name(m['importance_measure'], method)})"
+                    f"spearman {fmt_number(m['spearman'])} ({measure_text(m['importance_measure'], method)})"
                 )
             goals = rec.get("goals", {})
             met = sum(1 for g in goals.values() if g["met"])
@@ -177,7 +177,7 @@ def write_report(
         {"run": str(run_root), "out": str(out_dir), "measures": dict(measures or {}), "alpha": alpha, "pdf": pdf},
         inputs={"predictions": run_root / "predictions.parquet"},
     )
-    previous = _previous_outputs(out_dir)
+    previous = previous_outputs(out_dir)
     written: list[Path] = []
 
     missing: list[str] = []
@@ -198,7 +198,7 @@ def write_report(
         missing.append(f"no region models: run `bodyage stats {run_root}` again (after attribute)")
 
     ids = set(tables.predictions["subject_id"].astype(str)) | set(tables.predictions["scan_id"].astype(str))
-    copied_tables, copied_figures, sections, withheld = _gather(run_root, out_dir, ids)
+    copied_tables, copied_figures, sections, withheld = gather_outputs(run_root, out_dir, ids)
     if withheld:  # counted, never named: the names carry the ids
         missing.append(f"{len(withheld)} per-scan figure(s) left out: their file names carry participant ids")
     written += copied_tables
@@ -214,12 +214,12 @@ def write_report(
         rec_json = write_json(run_root / RECOVERY_FILE, rec)
         written += write_recovery(rec, out_dir)
 
-    tex = _document(tables, run_root, out_dir, sections, rec is not None, missing)
+    tex = tex_document(tables, run_root, out_dir, sections, rec is not None, missing)
     from bodyage.atomic import write_text
 
     report_tex = write_text(out_dir / REPORT_TEX, tex)
     written.append(report_tex)
-    summary = write_text(out_dir / SUMMARY_MD, _summary(tables, run_root, rec, missing, measures))
+    summary = write_text(out_dir / SUMMARY_MD, summary_markdown(tables, run_root, rec, missing, measures))
     written.append(summary)
 
     pdf_path = compile_pdf(report_tex) if pdf else None
@@ -228,7 +228,7 @@ def write_report(
 
     record_path = out_dir / REPORT_RECORD
     rel = sorted(str(p.relative_to(out_dir)) for p in written)
-    _remove_previous(out_dir, previous, set(rel) | {REPORT_RECORD})
+    remove_stale_outputs(out_dir, previous, set(rel) | {REPORT_RECORD})
     write_record(record_path, finish_run_record(record, outputs=rel, missing=missing))
     written.append(record_path)
     return ReportResult(
@@ -246,7 +246,20 @@ def write_report(
     )
 
 
-def _previous_outputs(out_dir: Path) -> list[str]:
+def previous_outputs(out_dir: Path) -> list[str]:
+    """The files an earlier report wrote into ``out_dir``, from its record.
+
+    Parameters
+    ----------
+    out_dir : Path
+        The report folder.
+
+    Returns
+    -------
+    list[str]
+        Paths relative to ``out_dir`` listed in its :data:`REPORT_RECORD`; empty if there
+        is no readable record.
+    """
     path = out_dir / REPORT_RECORD
     try:
         outputs = json.loads(path.read_text(encoding="utf-8")).get("outputs", [])
@@ -255,8 +268,18 @@ def _previous_outputs(out_dir: Path) -> list[str]:
     return [str(o) for o in outputs if isinstance(o, str)]
 
 
-def _remove_previous(out_dir: Path, previous: Sequence[str], keep: set[str]) -> None:
-    """Remove files an earlier report wrote that this one did not (never anything else)."""
+def remove_stale_outputs(out_dir: Path, previous: Sequence[str], keep: set[str]) -> None:
+    """Remove files an earlier report wrote that this one did not (never anything else).
+
+    Parameters
+    ----------
+    out_dir : Path
+        The report folder; nothing outside it is removed.
+    previous : Sequence[str]
+        What the earlier report wrote (:func:`previous_outputs`), relative to ``out_dir``.
+    keep : set[str]
+        What this report wrote, relative to ``out_dir``.
+    """
     root = out_dir.resolve()
     for rel in previous:
         if rel in keep:

@@ -1,6 +1,6 @@
 """Gathering for ``bodyage report``: copy a run's tables and figures and lay out the sections.
 
-``_gather`` copies the tables of ``RUN/stats`` (``.tex`` + ``.csv``), the figures of
+:func:`gather_outputs` copies the tables of ``RUN/stats`` (``.tex`` + ``.csv``), the figures of
 ``RUN/figures`` (``.pdf`` + ``.png``) and those of each ``RUN/compare/<name>/`` into the
 report folder, keeping their paths relative to the run, and sorts them into the
 report's sections (:data:`TABLE_ORDER`, :data:`TRAIN_FIGURES`, :data:`STATS_FIGURES`).
@@ -54,7 +54,19 @@ STATS_FIGURES: tuple[str, ...] = ("phenotype_forest", "region_heatmap")
 
 
 @dataclass
-class _Section:
+class ReportSection:
+    """A section of the report: its title, tables and captioned figures.
+
+    Attributes
+    ----------
+    title : str
+        The section heading.
+    tables : list[str]
+        Table paths relative to the report folder, without suffix.
+    figures : list[tuple[str, str]]
+        ``(path relative to the report folder, caption)`` per figure.
+    """
+
     title: str
     tables: list[str] = field(default_factory=list)  # paths relative to the report folder, no suffix
     figures: list[tuple[str, str]] = field(default_factory=list)  # (path relative, caption)
@@ -114,20 +126,37 @@ def _names_participant(stem: str, ids: set[str]) -> bool:
     )
 
 
-def _gather(run_root: Path, out_dir: Path, ids: set[str]) -> tuple[list[Path], list[Path], list[_Section], list[str]]:
+def gather_outputs(
+    run_root: Path, out_dir: Path, ids: set[str]
+) -> tuple[list[Path], list[Path], list[ReportSection], list[str]]:
     """Copy tables (.tex + .csv) and figures (.pdf + .png) into the report and lay out its sections.
 
     Figures whose file name carries a participant or scan id (per-scan maps) are left
     out; their names are returned last.
+
+    Parameters
+    ----------
+    run_root : Path
+        The run folder (``RUN/stats``, ``RUN/figures``, ``RUN/compare/<name>/``).
+    out_dir : Path
+        The report folder; copies keep their paths relative to the run.
+    ids : set[str]
+        Participant and scan ids: a figure whose file name carries one is withheld.
+
+    Returns
+    -------
+    tuple[list[Path], list[Path], list[ReportSection], list[str]]
+        The copied tables, the copied figures, the report's sections in order, and the
+        names of the withheld figures (to be counted, never named).
     """
     withheld: list[str] = []
     tables: list[Path] = []
     figures: list[Path] = []
-    age = _Section("Age prediction")
-    attribution = _Section("Attribution")
-    phenos = _Section("Phenotypes and the age gap")
-    regions = _Section("Region importance and phenotypes")
-    other = _Section("Other tables")
+    age = ReportSection("Age prediction")
+    attribution = ReportSection("Attribution")
+    phenos = ReportSection("Phenotypes and the age gap")
+    regions = ReportSection("Region importance and phenotypes")
+    other = ReportSection("Other tables")
 
     stats_src = run_root / STATS_DIR
     if stats_src.is_dir():
@@ -161,11 +190,11 @@ def _gather(run_root: Path, out_dir: Path, ids: set[str]) -> tuple[list[Path], l
         else:
             attribution.figures.append(entry)
 
-    comparisons: list[_Section] = []
+    comparisons: list[ReportSection] = []
     cmp_src = run_root / COMPARE_DIR
     if cmp_src.is_dir():
         for folder in sorted(p for p in cmp_src.iterdir() if p.is_dir()):
-            sec = _Section(f"Comparison: {_comparison_title(folder)}")
+            sec = ReportSection(f"Comparison: {_comparison_title(folder)}")
             rel_dir = f"{COMPARE_DIR}/{folder.name}"
             for tex in sorted(folder.glob("*.tex")):
                 for src in (tex, tex.with_suffix(".csv")):
@@ -189,7 +218,7 @@ def _gather(run_root: Path, out_dir: Path, ids: set[str]) -> tuple[list[Path], l
 
 def _comparison_title(folder: Path) -> str:
     """``<cohort> vs <reference>`` from the comparison's ``run.json``, else the folder name."""
-    record = _read_json(folder / "run.json")
+    record = read_json_or_none(folder / "run.json")
     args = record.get("arguments") if isinstance(record, Mapping) else None
     if isinstance(args, Mapping) and isinstance(args.get("cohort"), str) and isinstance(args.get("reference"), str):
         return f"{args['cohort']} vs {args['reference']}"
@@ -200,7 +229,19 @@ def _dedupe(paths: Sequence[Path]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def _read_json(path: Path) -> Any:
+def read_json_or_none(path: Path) -> Any:
+    """Read a JSON file, or None if it is missing, unreadable or not valid JSON.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+
+    Returns
+    -------
+    Any
+        The parsed content, or None.
+    """
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):

@@ -29,7 +29,7 @@ from analysis.organ_outputs import CORRELATION_FIGURE
 from analysis.organ_stats import CLOCKS_FILE, ORGAN_AGES_FILE, ClockTables, load_clocks, organ_gap_models
 from analysis.recovery import TRUTH_FILE
 from analysis.regionmodels import ALPHA
-from analysis.report import REPORT_RECORD, REPORT_TEX, SUMMARY_MD, _previous_outputs, _remove_previous, default_out
+from analysis.report import REPORT_RECORD, REPORT_TEX, SUMMARY_MD, default_out, previous_outputs, remove_stale_outputs
 from analysis.report_tex import PREAMBLE, compile_pdf
 from analysis.run import FIGURES_DIR, STATS_DIR
 from analysis.stats_record import read_stats_record
@@ -127,7 +127,7 @@ def write_organ_report(
         {"clocks": str(root), "out": str(out_dir), "alpha": alpha, "pdf": pdf},
         inputs={"organ_ages": root / ORGAN_AGES_FILE, "clocks": root / CLOCKS_FILE},
     )
-    previous = _previous_outputs(out_dir)
+    previous = previous_outputs(out_dir)
     written: list[Path] = []
     missing: list[str] = []
     current = stats_current(tab)
@@ -175,7 +175,7 @@ def write_organ_report(
     if pdf_path is not None:
         written.append(pdf_path)
     rel = sorted(str(p.relative_to(out_dir)) for p in written)
-    _remove_previous(out_dir, previous, set(rel) | {REPORT_RECORD})
+    remove_stale_outputs(out_dir, previous, set(rel) | {REPORT_RECORD})
     record_path = write_record(out_dir / REPORT_RECORD, finish_run_record(record, outputs=rel, missing=missing))
     written.append(record_path)
     return OrganReportResult(

@@ -1,6 +1,6 @@
 """``summary.md`` of ``bodyage report``: the headline numbers of a run in words.
 
-``_summary`` writes the age prediction (MAE beside the mean-age baseline and, on a
+:func:`summary_markdown` writes the age prediction (MAE beside the mean-age baseline and, on a
 simulated cohort, the oracle), the failures, the most important regions per method
 (:data:`TOP_IN_SUMMARY`, with the intervals of :mod:`analysis.region_summary`), the
 phenotype effects with q-values and the regions they shift, the sanity checks, the
@@ -21,9 +21,9 @@ from analysis._typing import REGION_LEVEL_METHODS, baseline_label
 from analysis.fdr import family_text
 from analysis.floors import baseline_text
 from analysis.recovery import ABS_MASS, declared_measures, importance_measure, region_importance
-from analysis.region_summary import _g, header_note, read_context, region_line
+from analysis.region_summary import fmt_significant, header_note, read_context, region_line
 from analysis.regionmodels import ALPHA
-from analysis.report_gather import _read_json
+from analysis.report_gather import read_json_or_none
 from analysis.run import STATS_DIR, RunTables
 from analysis.stats_record import read_stats_record
 from bodyage.accuracy import prediction_metrics, uninformative_note
@@ -36,7 +36,22 @@ METRICS_FILE = "metrics.json"
 TOP_IN_SUMMARY = 8
 
 
-def _f(v: Any, digits: int = 2) -> str:
+def fmt_number(v: Any, digits: int = 2) -> str:
+    """Format a number with a fixed number of decimals for the report's text.
+
+    Parameters
+    ----------
+    v : Any
+        The value; anything :class:`float` accepts.
+    digits : int
+        Decimals after the point.
+
+    Returns
+    -------
+    str
+        ``v`` with ``digits`` decimals, or ``"n/a"`` if it is not a finite number
+        (missing, NaN, infinite or not numeric).
+    """
     try:
         x = float(v)
     except (TypeError, ValueError):
@@ -66,8 +81,22 @@ def _ablation_baseline(run_root: Path | None) -> str | None:
     return str(value) if value else None
 
 
-def _measure_name(measure: str, method: str = "ablation") -> str:
-    """Words for an importance measure (|mass| is in years for region-level methods only)."""
+def measure_text(measure: str, method: str = "ablation") -> str:
+    """Words for an importance measure (|mass| is in years for region-level methods only).
+
+    Parameters
+    ----------
+    measure : str
+        The importance measure (a column of the attribution table, e.g. ``abs_mass``).
+    method : str
+        The attribution method it was measured for.
+
+    Returns
+    -------
+    str
+        ``"mean |mass|, years"`` (``"mean |mass|"`` for a voxel-level method), else
+        ``"mean <measure>"``.
+    """
     if measure != ABS_MASS:
         return f"mean {measure}"
     return "mean |mass|, years" if method in REGION_LEVEL_METHODS else "mean |mass|"
@@ -100,7 +129,7 @@ def _scalar(v: Any) -> str:
     if isinstance(v, bool):
         return "passed" if v else "FAILED"
     if isinstance(v, float):
-        return _f(v, 3)
+        return fmt_number(v, 3)
     if isinstance(v, (Mapping, list, tuple)):
         return json.dumps(v)[:80]
     return str(v)
@@ -118,17 +147,39 @@ def _failures(run_root: Path) -> tuple[int, dict[str, int]]:
     return len(df), {str(k): int(v) for k, v in by.items()}
 
 
-def _summary(
+def summary_markdown(
     tables: RunTables,
     run_root: Path,
     rec: Mapping[str, Any] | None,
     missing: Sequence[str],
     measures: Mapping[str, str] | None,
 ) -> str:
+    """The text of ``summary.md``: the headline numbers of a run in words.
+
+    Parameters
+    ----------
+    tables : RunTables
+        The run's tables (predictions, and attributions if any).
+    run_root : Path
+        The run folder; ``metrics.json``, ``sanity.json``, ``failures.csv`` and
+        ``RUN/stats`` are read from it when present.
+    rec : Mapping[str, Any] or None
+        The recovery of the planted ageing (:func:`analysis.recovery.recovery`), on a
+        simulated study; None otherwise.
+    missing : Sequence[str]
+        The missing steps, one line each, listed at the end.
+    measures : Mapping[str, str] or None
+        Importance measure per method, over those the run declares.
+
+    Returns
+    -------
+    str
+        Markdown, newline-separated, without a trailing newline.
+    """
     name = run_root.resolve().name
     lines = [f"# bodyage report: {name}", ""]
     pred = tables.predictions
-    metrics = _read_json(run_root / METRICS_FILE) or {}
+    metrics = read_json_or_none(run_root / METRICS_FILE) or {}
     # accuracy from the predictions (never the bias-corrected ones: they use the true age)
     check = prediction_metrics(pred)
     mae = check["overall"]["mae"]
@@ -136,17 +187,18 @@ def _summary(
     lines += ["## Age prediction", ""]
     lines.append(
         f"- {len(pred)} scans of {pred['subject_id'].nunique()} subjects have an out-of-fold prediction "
-        f"({pred['fold'].nunique()} folds). Mean absolute error {_f(mae)} years, against {_f(check['baseline_mae'])} "
+        f"({pred['fold'].nunique()} folds). Mean absolute error {fmt_number(mae)} years, "
+        f"against {fmt_number(check['baseline_mae'])} "
         f"for predicting each scan at the mean age of the other folds; correlation with age "
-        f"r = {_f(check['overall']['pearson_r'], 3)}."
+        f"r = {fmt_number(check['overall']['pearson_r'], 3)}."
     )
     if warning:
         lines.append(f"- **{warning}**")
     oracle = metrics.get("oracle_mae", rec.get("oracle_mae") if rec else None)
     if oracle is not None:
         lines.append(
-            f"- The best possible predictor of this simulated cohort (the oracle) has MAE {_f(oracle)} years: "
-            f"the model's error is {_f(float(mae) / float(oracle))} times the floor."
+            f"- The best possible predictor of this simulated cohort (the oracle) has MAE {fmt_number(oracle)} years: "
+            f"the model's error is {fmt_number(float(mae) / float(oracle))} times the floor."
         )
     n_fail, by_stage = _failures(run_root)
     stages = ", ".join(f"{k} {v}" for k, v in sorted(by_stage.items()))
@@ -170,7 +222,7 @@ def _summary(
             if method in REGION_LEVEL_METHODS:
                 kind = f"region-level, {baseline_label(method, baseline)}" if baseline else "region-level"
             lines.append(
-                f"**{method}** ({kind}; importance = {_measure_name(measure, method)} over scans), "
+                f"**{method}** ({kind}; importance = {measure_text(measure, method)} over scans), "
                 f"top {min(TOP_IN_SUMMARY, len(imp))} of {len(imp)} regions; {header_note(context, method, measure)}"
             )
             lines.append("")
@@ -198,7 +250,8 @@ def _summary(
         for _, r in sep.iterrows():
             mark = " *" if pd.notna(r["q"]) and r["q"] < alpha else ""
             lines.append(
-                f"| {r['phenotype']} | {_f(r['estimate'])}{mark} | [{_f(r['ci_low'])}, {_f(r['ci_high'])}] | "
+                f"| {r['phenotype']} | {fmt_number(r['estimate'])}{mark} | "
+                f"[{fmt_number(r['ci_low'])}, {fmt_number(r['ci_high'])}] | "
                 f"{_q(r['p'])} | {_q(r['q'])} | {int(r['n'])} |"
             )
         lines += ["", f"\\* q < {alpha:g}.", ""]
@@ -218,7 +271,7 @@ def _summary(
                 lines.append("- none")
             for (sig_method, pheno), sub in sig.groupby(["method", "phenotype"], sort=True, observed=True):
                 hits = ", ".join(
-                    f"{display_name(str(r))} ({_g(e)}, q {_q(q)})"
+                    f"{display_name(str(r))} ({fmt_significant(e)}, q {_q(q)})"
                     for r, e, q in zip(sub["region"], sub["estimate"], sub["q"], strict=True)
                 )
                 lines.append(f"- {sig_method} ({sub['metric'].iloc[0]}), {pheno}: {hits}")
@@ -227,7 +280,7 @@ def _summary(
         lines += ["No statistics yet: run `bodyage stats RUN`.", ""]
 
     lines += ["## Sanity checks", ""]
-    sanity = _read_json(run_root / SANITY_FILE)
+    sanity = read_json_or_none(run_root / SANITY_FILE)
     if sanity is None:
         lines += ["No sanity checks recorded (no RUN/sanity.json).", ""]
     else:
@@ -243,9 +296,9 @@ def _summary(
             n_hits = round(m["precision_at_k"] * m["k"]) if m["k"] else 0
             lines.append(
                 f"- {method}: {n_hits} of the {m['k']} most important regions are planted "
-                f"(precision@k {_f(m['precision_at_k'])}; {baseline_text(m)}); "
-                f"Spearman with the planted information {_f(m['spearman'])}; "
-                f"agreement with ablation {_f(m['agreement_with_ablation'])}."
+                f"(precision@k {fmt_number(m['precision_at_k'])}; {baseline_text(m)}); "
+                f"Spearman with the planted information {fmt_number(m['spearman'])}; "
+                f"agreement with ablation {fmt_number(m['agreement_with_ablation'])}."
             )
             if m.get("clears_nulls") is not None:
                 above = m["clears_nulls"]
@@ -262,7 +315,8 @@ def _summary(
             )
             lines.append(
                 f"- {p} ({'planted in ' + planted if v['planted'] else 'nothing planted'}): "
-                f"gap effect {_f(v['gap_effect'])} years [{_f(v['ci_low'])}, {_f(v['ci_high'])}], q {_q(v['q'])}"
+                f"gap effect {fmt_number(v['gap_effect'])} years "
+                f"[{fmt_number(v['ci_low'])}, {fmt_number(v['ci_high'])}], q {_q(v['q'])}"
                 + (f"; significant regions {found}" if found else "")
                 + "."
             )
@@ -289,4 +343,4 @@ def _goal_text(value: Any) -> str:
         return f"q {_q(value.get('q'))}" + (f"; regions in {', '.join(where)}" if where else "")
     if isinstance(value, (int, float)) and abs(value) < 1e-3:
         return _q(value)
-    return _f(value, 3)
+    return fmt_number(value, 3)

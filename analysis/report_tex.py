@@ -1,6 +1,6 @@
 r"""``report.tex`` of ``bodyage report``: the LaTeX document and its compilation.
 
-``_document`` writes an ``article`` (:data:`PREAMBLE`) that lists facts about the run
+:func:`tex_document` writes an ``article`` (:data:`PREAMBLE`) that lists facts about the run
 (no paths of scans, no ids) and the missing steps, ``\input``\ s every table and
 includes every figure of the sections that :mod:`analysis.report_gather` laid out, and,
 on a simulated study, the recovery tables; :func:`compile_pdf` compiles it with
@@ -24,7 +24,7 @@ from bodyage.accuracy import accuracy_text, prediction_metrics, uninformative_no
 from bodyage.errors import RunError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from analysis.report_gather import _Section
+    from analysis.report_gather import ReportSection
 
 PREAMBLE = r"""\documentclass[11pt,a4paper]{article}
 \usepackage[margin=2cm]{geometry}
@@ -114,14 +114,37 @@ def _figure_tex(path: str, caption: str, aspect: float | None = None) -> list[st
     ]
 
 
-def _document(
+def tex_document(
     tables: RunTables,
     run_root: Path,
     out_dir: Path,
-    sections: Sequence[_Section],
+    sections: Sequence[ReportSection],
     has_recovery: bool,
     missing: Sequence[str],
 ) -> str:
+    """The LaTeX source of ``report.tex``.
+
+    Parameters
+    ----------
+    tables : RunTables
+        The run's tables (for the facts about the run).
+    run_root : Path
+        The run folder.
+    out_dir : Path
+        The report folder, where the sections' figures were copied (their aspect sets
+        their height).
+    sections : Sequence[ReportSection]
+        The sections laid out by :func:`analysis.report_gather.gather_outputs`.
+    has_recovery : bool
+        Whether to include the recovery tables (:data:`analysis.recovery.RECOVERY_TEX`).
+    missing : Sequence[str]
+        The missing steps, listed after the facts about the run.
+
+    Returns
+    -------
+    str
+        A complete ``article`` document.
+    """
     name = escape(run_root.resolve().name)
     lines = [
         PREAMBLE,
