@@ -24,7 +24,21 @@ from bodyage.region_names import display_name
 PNG_DPI = 200
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib figure with constrained layout, made without pyplot (no global state).
+
+    Parameters
+    ----------
+    width : float
+        Width in inches.
+    height : float
+        Height in inches.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The empty figure.
+    """
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
@@ -52,7 +66,7 @@ def forest_plot(res: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str = 
     sep = res[res["model"] == "separate"].reset_index(drop=True)
     joint = res[res["model"] == "joint"].set_index("phenotype")
     n = len(sep)
-    fig = _figure(6.4, 1.0 + 0.45 * n)
+    fig = new_figure(6.4, 1.0 + 0.45 * n)
     ax = fig.add_subplot()
     y = np.arange(n)[::-1].astype(float)
     offset = 0.15 if not joint.empty else 0.0
@@ -135,7 +149,7 @@ def region_heatmap(
     lim = max(float(finite.max()) if finite.size else 0.1, 0.05)
     # 0.13 in (9.4 pt) per row: 53 regions at 7 pt stay readable when LaTeX fits the
     # figure to a page (at 0.2 in per row it was shrunk to about 4 pt)
-    fig = _figure(2.3 + 0.6 * len(phenos), 1.6 + 0.13 * len(order))
+    fig = new_figure(2.3 + 0.6 * len(phenos), 1.6 + 0.13 * len(order))
     ax = fig.add_subplot()
     cmap = colormaps["RdBu_r"].with_extremes(bad="0.85")
     im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
@@ -165,7 +179,7 @@ def age_scatter(scans: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str 
     """
     from matplotlib import colormaps
 
-    fig = _figure(10.0, 4.4)
+    fig = new_figure(10.0, 4.4)
     ax1, ax2 = fig.subplots(1, 2)
     sites = sorted(pd.unique(scans["site"].astype(str)))
     colours = colormaps["tab10"] if len(sites) <= 10 else None
@@ -223,7 +237,7 @@ def comparison_plot(
         for o, r, m in zip(view["outcome"], view["region"], view["method"], strict=True)
     ]
     n = len(view)
-    fig = _figure(6.8, 1.2 + 0.32 * n)
+    fig = new_figure(6.8, 1.2 + 0.32 * n)
     ax = fig.add_subplot()
     y = np.arange(n)[::-1].astype(float)
     sig = (view["q"] < 0.05).to_numpy()

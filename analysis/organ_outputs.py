@@ -31,7 +31,7 @@ from analysis import stats_record
 from analysis._typing import MixedEngine
 from analysis.clock_recovery import CLOCK_RECOVERY_FILE, TRUTH_TABLE, clock_recovery
 from analysis.design import DEFAULT_GROUP, covariate_list, exclusions_of
-from analysis.figures import _figure, save
+from analysis.figures import new_figure, save
 from analysis.latex import Column, LatexTable, render
 from analysis.notes import summarise_warnings
 from analysis.organ_stats import (
@@ -308,7 +308,7 @@ def correlation_figure(corr: pd.DataFrame, out_dir: str | os.PathLike[str]) -> l
     info = corr.drop_duplicates("clock_a").set_index("clock_a")["informative_a"]
     labels = [n + ("" if info[n] else UNINFORMATIVE_MARK) for n in mat.index]
     k = len(labels)
-    fig = _figure(3.0 + 0.6 * k, 2.0 + 0.5 * k)
+    fig = new_figure(3.0 + 0.6 * k, 2.0 + 0.5 * k)
     ax = fig.add_subplot()
     values = mat.to_numpy(float)
     im = ax.imshow(values, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
