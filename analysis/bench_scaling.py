@@ -6,7 +6,7 @@ synthetic runs of increasing size (:func:`analysis.bench_stats.synthetic_run`), 
 growth exponent *b* of ``seconds ≈ a · subjects^b`` by least squares on the log-log
 points, and extrapolates to the target cohort. At the largest size it also estimates the
 naive alternative, statsmodels OLS fitted one region × phenotype at a time
-(:func:`analysis.bench_stats._naive_estimate`, a sample of fits scaled up).
+(:func:`analysis.bench_stats.naive_estimate`, a sample of fits scaled up).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def bench_region_scaling(
     ValueError
         If fewer than two distinct sizes are given.
     """
-    from analysis.bench_stats import _naive_estimate, synthetic_run
+    from analysis.bench_stats import naive_estimate, synthetic_run
     from analysis.regionmodels import region_models
     from analysis.run import RunTables
 
@@ -99,7 +99,7 @@ def bench_region_scaling(
             seconds.append(float(np.median(times)))
             fits = len(res)
             if naive and n == max(sizes):
-                naive_s = _naive_estimate(tables, phenos, fits)
+                naive_s = naive_estimate(tables, phenos, fits)
         scans.append(len(predictions))
     slope, intercept = np.polyfit(np.log(sizes), np.log(seconds), 1)
     out: dict[str, Any] = {

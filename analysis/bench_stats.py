@@ -144,7 +144,7 @@ def bench_stats(
         seconds["joint_region_model"], _ = _timed(lambda: joint_region_model(tables, phenotypes=phenos))
         seconds["region_gap_correlations"], _ = _timed(lambda: region_gap_correlations(tables))
         seconds["phenotype_models"], _ = _timed(lambda: phenotype_models(tables, phenotypes=phenos))
-        seconds["naive_statsmodels_estimate"] = _naive_estimate(tables, phenos, len(res))
+        seconds["naive_statsmodels_estimate"] = naive_estimate(tables, phenos, len(res))
     return {
         "sizes": {
             "scans": len(predictions),
@@ -159,8 +159,27 @@ def bench_stats(
     }
 
 
-def _naive_estimate(tables: RunTables, phenos: list[str], n_fits: int) -> float:
-    """Seconds statsmodels OLS (cluster-robust) would take for ``n_fits`` region models, one at a time."""
+def naive_estimate(tables: RunTables, phenos: list[str], n_fits: int) -> float:
+    """Seconds statsmodels OLS (cluster-robust) would take for ``n_fits`` region models, one at a time.
+
+    Times :data:`NAIVE_SAMPLE` fits (the first phenotype, site fixed effects,
+    subject-clustered standard errors, the first method's ``mass``) and scales the mean
+    up to ``n_fits``.
+
+    Parameters
+    ----------
+    tables : RunTables
+        The run (e.g. :func:`synthetic_run`).
+    phenos : list[str]
+        Phenotypes; the first one is the fitted term.
+    n_fits : int
+        Number of region × phenotype fits to extrapolate to.
+
+    Returns
+    -------
+    float
+        Estimated seconds.
+    """
     import statsmodels.api as sm
 
     from analysis.design import build_design

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from bodyage.bench_ukb import _peak_rss_mb, _reset_peak
+from bodyage.bench_ukb import process_peak_rss_mb, reset_peak_rss
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -123,7 +123,7 @@ class StageMemory:
         import torch
 
         self._t0 = time.perf_counter()
-        _reset_peak()
+        reset_peak_rss()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
@@ -132,7 +132,7 @@ class StageMemory:
         import torch
 
         self.wall_s = time.perf_counter() - self._t0
-        self.rss_mb = _peak_rss_mb()
+        self.rss_mb = process_peak_rss_mb()
         self.gpu_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
 
     def to_dict(self) -> dict[str, float | None]:

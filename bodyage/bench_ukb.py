@@ -179,11 +179,17 @@ def _status_mb(key: str) -> float | None:
     return None
 
 
-def _peak_rss_mb() -> float:
+def process_peak_rss_mb() -> float:
     """Peak resident memory of this process (MiB).
 
     ``VmHWM`` where /proc exists: unlike ``ru_maxrss`` it is not inherited across the
-    fork + exec that starts a spawned process, so it is this process's own peak.
+    fork + exec that starts a spawned process, so it is this process's own peak, and
+    :func:`reset_peak_rss` can reset it. Elsewhere ``ru_maxrss`` (since the process began).
+
+    Returns
+    -------
+    float
+        Peak resident set size in MiB.
     """
     hwm = _status_mb("VmHWM")
     if hwm is not None:
@@ -195,8 +201,12 @@ def _peak_rss_mb() -> float:
     return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
 
 
-def _reset_peak() -> None:
-    """Reset ``VmHWM`` to the current RSS (Linux; a no-op elsewhere)."""
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident memory to its current one (Linux; a no-op elsewhere).
+
+    Writes ``5`` to ``/proc/self/clear_refs``, which resets ``VmHWM``, so that
+    :func:`process_peak_rss_mb` then measures the peak of what follows.
+    """
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
             fh.write("5")
@@ -209,12 +219,12 @@ def _read_in_child(path: str, chunksize: int, eids: list[str] | None) -> tuple[f
 
     from bodyage.ukb import read_visits
 
-    baseline = _status_mb("VmRSS") or _peak_rss_mb()
-    _reset_peak()
+    baseline = _status_mb("VmRSS") or process_peak_rss_mb()
+    reset_peak_rss()
     t0 = time.perf_counter()
     visits = read_visits(path, chunksize=chunksize, eids=eids)
     seconds = time.perf_counter() - t0
-    return seconds, _peak_rss_mb(), baseline, len(visits.table)
+    return seconds, process_peak_rss_mb(), baseline, len(visits.table)
 
 
 def _naive_in_child(path: str, nrows: int) -> float:
@@ -225,7 +235,7 @@ def _naive_in_child(path: str, nrows: int) -> float:
     with warnings.catch_warnings():  # mixed-type columns: that is the naive reader's problem
         warnings.simplefilter("ignore")
         pd.read_csv(path, nrows=nrows)
-    return _peak_rss_mb()
+    return process_peak_rss_mb()
 
 
 def _in_fresh_process(fn: Any, *args: Any) -> Any:
