@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from bodyage.atomic import remove_stale_temps, write_json, write_with
-from bodyage.attribute_explain import _scan_frames, _slice_frames, cohort_means, explain_batch, voxel_ml, z_positions
+from bodyage.attribute_explain import cohort_means, explain_batch, region_frames, slice_frames, voxel_ml, z_positions
 from bodyage.attribute_inputs import AttributeConfig, check_config, check_scan_mask, load_run_inputs, resolve_layer
 from bodyage.attribute_recovery import recovery_summary
 from bodyage.attribute_tables import (
@@ -75,12 +75,12 @@ from bodyage.attribute_tables import (
     SANITY,
     SLICE_PROFILES,
     STATE_DIR,
-    _write_failures,
-    _write_part,
     group_table,
     merge_parts,
     method_fingerprint,
     part_dir,
+    write_failures,
+    write_part,
 )
 from bodyage.attribution import COHORT_MEAN_BASELINES, METHODS, label_lookup, scan_values
 from bodyage.errors import RunError
@@ -324,15 +324,15 @@ def attribute_run(
                 )
                 for m, res in results.items():
                     vals = scan_values(res, lab, n_labels)
-                    frames = _scan_frames(m, sub, vals, ids, names, vml)
-                    slice_parts = _slice_frames(m, sub, res.maps, zmm) if res.maps is not None else None
+                    frames = region_frames(m, sub, vals, ids, names, vml)
+                    slice_parts = slice_frames(m, sub, res.maps, zmm) if res.maps is not None else None
                     for i, sid in enumerate(sids):
                         if sid not in pending[m]:
                             continue
                         df = frames[i]
                         for key, arr in res.check.items():
                             df[key] = float(arr[i])
-                        _write_part(
+                        write_part(
                             part_dir(run, m, fps[m]) / f"{sid}.parquet",
                             df,
                             slice_parts[i] if slice_parts is not None else None,
@@ -375,7 +375,7 @@ def attribute_run(
 
     attributions, slices, checks = merge_parts(run, cfg.methods, fps, list(todo["scan_id"]), failures)
     if attributions.empty:
-        _write_failures(run, failures)
+        write_failures(run, failures)
         first = failures[0]["reason"] if failures else "no scans"
         raise RunError(f"no scan of {run} could be explained (first reason: {first}); see {run / FAILURES}")
     write_with(run / ATTRIBUTIONS, partial(attributions.to_parquet, index=False))
@@ -390,7 +390,7 @@ def attribute_run(
             )
             grouped = with_joint(grouped, joint, ATTRIBUTION_COLUMNS)
         write_with(run / GROUP_ATTRIBUTIONS, partial(grouped.to_parquet, index=False))
-    _write_failures(run, failures)
+    write_failures(run, failures)
     # the null table before the recovery, which reads it; without --nulls no stale one is left
     null_table = None
     if nulls is not None:

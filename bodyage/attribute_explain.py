@@ -1,7 +1,7 @@
 """Explaining scans for ``bodyage attribute``: one batch through the methods, one table per scan.
 
 :func:`explain_batch` runs each method on a batch of scans (Shapley permutations seeded
-the same for a scan alone or in a batch); ``_scan_frames`` and ``_slice_frames`` turn
+the same for a scan alone or in a batch); :func:`region_frames` and :func:`slice_frames` turn
 its results into one region table and one slice profile per scan. :func:`voxel_ml` and
 :func:`z_positions` give a scan's geometry; :func:`cohort_means` the cohort-mean intensity
 per region and channel that the ``shift`` and ``mean`` baselines of ``ablation`` and
@@ -65,7 +65,7 @@ def cohort_means(inputs: RunInputs, scan_ids: Sequence[str], n_labels: int, seed
     return (acc[:, :-1] / counts).float()
 
 
-def _scan_frames(
+def region_frames(
     method: str,
     sub: pd.DataFrame,
     values: dict[str, npt.NDArray[np.float64]],
@@ -73,7 +73,28 @@ def _scan_frames(
     names: list[str],
     vml: npt.NDArray[np.float64],
 ) -> list[pd.DataFrame]:
-    """One long region table per scan of a batch."""
+    """One long region table per scan of a batch.
+
+    Parameters
+    ----------
+    method : str
+        The attribution method the values come from.
+    sub : pandas.DataFrame
+        The batch's scans, one row each, with ``subject_id``, ``visit`` and ``fold``.
+    values : dict[str, numpy.ndarray]
+        Per-label sums ``mass``, ``abs_mass`` and ``count``, each ``(n_scans, n_labels)``.
+    ids : numpy.ndarray
+        The label ids of ``names``, in the same order (columns of ``values``).
+    names : list[str]
+        The region names.
+    vml : numpy.ndarray
+        Voxel volume per scan (ml), shape ``(n_scans,)``.
+
+    Returns
+    -------
+    list[pandas.DataFrame]
+        One table per scan, one row per region, columns :data:`ATTRIBUTION_COLUMNS`.
+    """
     m = region_measures(values["mass"][:, ids], values["abs_mass"][:, ids], values["count"][:, ids], vml)
     out = []
     for i in range(len(sub)):
@@ -92,9 +113,28 @@ def _scan_frames(
     return out
 
 
-def _slice_frames(
+def slice_frames(
     method: str, sub: pd.DataFrame, maps: torch.Tensor, z_mm: list[npt.NDArray[np.float64]]
 ) -> list[pd.DataFrame]:
+    """One slice profile (attribution mass per axial slice) per scan of a batch.
+
+    Parameters
+    ----------
+    method : str
+        The attribution method that made the maps.
+    sub : pandas.DataFrame
+        The batch's scans, one row each, with ``subject_id``, ``visit`` and ``fold``.
+    maps : torch.Tensor
+        The attribution maps of the batch, ``(n_scans, X, Y, Z)`` (axial axis last).
+    z_mm : list[numpy.ndarray]
+        Per scan, the position of each axial slice (mm; :func:`z_positions`).
+
+    Returns
+    -------
+    list[pandas.DataFrame]
+        One table per scan, one row per slice: ``z_index``, ``z_mm``, ``mass`` and
+        ``abs_mass`` beside the scan's ids and ``method``.
+    """
     prof = slice_mass(maps)
     absprof = slice_mass(maps.abs())
     out = []

@@ -6,7 +6,7 @@ fingerprint, :func:`method_fingerprint`, hashes the checkpoints, the label table
 method's settings, so a change of any of them starts a new folder). :func:`merge_parts`
 reads the parts of a run into the long tables ``attributions.parquet``
 (:data:`ATTRIBUTION_COLUMNS`) and ``slice_profiles.parquet`` (:data:`SLICE_COLUMNS`);
-:func:`group_table` aggregates the region table to region groups; ``_write_failures``
+:func:`group_table` aggregates the region table to region groups; :func:`write_failures`
 adds the scans that could not be explained to ``RUN/failures.csv``.
 
 No torch here: the functions work on tables and files.
@@ -70,14 +70,39 @@ def method_fingerprint(cfg: AttributeConfig, method: str, hparams: dict[int, dic
     return _hash({"method": method, "settings": cfg.method_settings(method), "checkpoints": ck, "labels": labels})
 
 
-def _write_part(path: Path, regions: pd.DataFrame, slices: pd.DataFrame | None) -> None:
+def write_part(path: Path, regions: pd.DataFrame, slices: pd.DataFrame | None) -> None:
+    """Write one scan × method part atomically: the slice profile first, the region table last.
+
+    The region table's file marks the scan done, so a run killed between the two writes
+    explains the scan again rather than keeping a part without its slice profile.
+
+    Parameters
+    ----------
+    path : Path
+        The part's region table, ``<part dir>/<scan id>.parquet``; the slice profile goes
+        beside it as ``<scan id>.slices.parquet``.
+    regions : pandas.DataFrame
+        The scan's region table (:data:`ATTRIBUTION_COLUMNS`).
+    slices : pandas.DataFrame or None
+        The scan's slice profile (:data:`SLICE_COLUMNS`), or None if the method makes no map.
+    """
     if slices is not None:
         write_with(path.with_suffix(".slices.parquet"), partial(slices.to_parquet, index=False))
     write_with(path, partial(regions.to_parquet, index=False))  # last: marks the scan done
 
 
-def _write_failures(run: Path, failures: list[dict[str, str]]) -> None:
-    """Add this step's failures to ``RUN/failures.csv``, keeping other steps' rows."""
+def write_failures(run: Path, failures: list[dict[str, str]]) -> None:
+    """Add this step's failures to ``RUN/failures.csv``, keeping other steps' rows.
+
+    Earlier rows of the ``attribute`` stage are replaced; one row per scan id.
+
+    Parameters
+    ----------
+    run : Path
+        The run folder.
+    failures : list[dict[str, str]]
+        One mapping per failed scan, with the keys of :data:`FAILURE_COLUMNS`.
+    """
     path = run / FAILURES
     old = pd.read_csv(path, dtype=str) if path.is_file() and path.stat().st_size else pd.DataFrame()
     if len(old.columns) and "stage" in old.columns:

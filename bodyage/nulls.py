@@ -317,7 +317,7 @@ def explain_random_copies(
     """
     import torch
 
-    from bodyage.attribute_explain import _scan_frames, explain_batch, voxel_ml
+    from bodyage.attribute_explain import explain_batch, region_frames, voxel_ml
     from bodyage.attribution import scan_values
 
     run = inputs.run
@@ -355,7 +355,7 @@ def explain_random_copies(
                     model, x, lab, methods, cfg=cfg, layer=layer, n_labels=n_labels, age_sd=age_sd, means=means
                 )
                 for m, res in results.items():
-                    frames = _scan_frames(m, sub, scan_values(res, lab, n_labels), ids, names, vml)
+                    frames = region_frames(m, sub, scan_values(res, lab, n_labels), ids, names, vml)
                     for i, sid in enumerate(sids):
                         if sid in pending[(c, m)]:
                             write_with(folders[(c, m)] / f"{sid}.parquet", partial(frames[i].to_parquet, index=False))

@@ -316,7 +316,7 @@ def test_a_kill_mid_batch_resumes_to_identical_values(
     whole = _copy_run(tiny_run, tmp_path / "a")
     attribute_run(whole, cfg, cache_dir=cache)
     run = _copy_run(tiny_run, tmp_path / "b")
-    write_part, written = attribute._write_part, []
+    write_part, written = attribute.write_part, []
 
     def killed_mid_batch(path: Path, *args: object) -> None:
         # a batch writes its 4 gradcam parts, then its ablation parts: killed after 2 of these,
@@ -327,7 +327,7 @@ def test_a_kill_mid_batch_resumes_to_identical_values(
         written.append(path)
 
     with monkeypatch.context() as m:
-        m.setattr(attribute, "_write_part", killed_mid_batch)
+        m.setattr(attribute, "write_part", killed_mid_batch)
         with pytest.raises(_Interrupt):
             attribute_run(run, cfg, cache_dir=cache)
     parts = written[0].parent
