@@ -321,7 +321,7 @@ def run_clocks(
             figures=figures,
             threads=threads,
         )
-        summaries[name] = _summary(out / name, clock_set.get(name, ()))
+        summaries[name] = clock_summary(out / name, clock_set.get(name, ()))
         preds[name] = pd.read_parquet(out / name / "predictions.parquet")
     members = [n for n in clock_set if summaries[n]["informative"]]
     preds = {WHOLE_BODY: preds[WHOLE_BODY], **{n: preds[n] for n in clock_set}}
@@ -344,8 +344,22 @@ def run_clocks(
     return ClocksResult(out, summaries, members, (time.perf_counter() - started) / 60.0)
 
 
-def _summary(run: Path, given: Sequence[str]) -> dict[str, Any]:
-    """A clock's entry in ``clocks.json`` from its run folder."""
+def clock_summary(run: Path, given: Sequence[str]) -> dict[str, Any]:
+    """A clock's entry in ``clocks.json`` from its run folder.
+
+    Parameters
+    ----------
+    run : Path
+        The clock's training run (``metrics.json``, ``run.json``, ``failures.csv`` if any).
+    given : Sequence[str]
+        The regions the clock set named for it.
+
+    Returns
+    -------
+    dict[str, Any]
+        Its accuracy beside the mean-age baseline, whether it is informative (and why
+        not), its crop and grid as trained, and how many scans failed.
+    """
     metrics = json.loads((run / "metrics.json").read_text())
     record = json.loads((run / "run.json").read_text())
     ok, reason = informative(metrics)

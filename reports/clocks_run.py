@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bodyage import __version__
-    from bodyage.clocks import WHOLE_BODY, _summary, read_clock_set, run_clocks
+    from bodyage.clocks import WHOLE_BODY, clock_summary, read_clock_set, run_clocks
     from bodyage.train import TrainConfig
 
     load_before = load_average(2)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.collect:
         names = [*entries, WHOLE_BODY]
         done = [n for n in names if (args.out / n / "metrics.json").is_file()]
-        summaries = {n: _summary(args.out / n, entries.get(n, ())) for n in done}
+        summaries = {n: clock_summary(args.out / n, entries.get(n, ())) for n in done}
         missing = [n for n in names if n not in done]
         clocks_json = args.out / "clocks.json"
         members = json.loads(clocks_json.read_text())["overall_gap"]["clocks"] if clocks_json.is_file() else None
