@@ -111,8 +111,22 @@ def _trunk_core() -> Profile:
     )
 
 
-def _cavity(scale: float = 1.0, grow: float = 0.0) -> Profile:
-    """Abdominal + pelvic cavity (torso fat around the organs)."""
+def cavity_profile(scale: float = 1.0, grow: float = 0.0) -> Profile:
+    """Abdominal + pelvic cavity (torso fat around the organs).
+
+    Parameters
+    ----------
+    scale : float
+        Factor on the semi-axes (sets the torso fat volume).
+    grow : float
+        Millimetres added to the semi-axes after scaling: the trunk wall and the
+        subcutaneous fat are painted as the cavity grown by their thickness.
+
+    Returns
+    -------
+    Profile
+        The cavity's elliptical cross-sections along z.
+    """
     return Profile(
         z=(-25.0, 0.0, 80.0, 180.0, 280.0, 380.0, 425.0),
         cx=(0.0,) * 7,
@@ -406,19 +420,19 @@ def subject_regions(body: BodyParams, disc_min_mm: float = 0.0) -> list[tuple[st
     regions: list[tuple[str, Shape]] = []
     # subcutaneous fat: everything inside the skin; later shapes carve the inside
     regions.append(("subcutaneous_fat", replace(core, grow=sat)))
-    regions.append(("subcutaneous_fat", _cavity(cav_scale, WALL_MM + sat)))
+    regions.append(("subcutaneous_fat", cavity_profile(cav_scale, WALL_MM + sat)))
     for _name, s in _lr("x"):
         regions.append(("subcutaneous_fat", _thigh(s, thigh_extra + 0.8 * sat)))
         regions.append(("subcutaneous_fat", _arm(s, arm_extra + 0.5 * sat)))
         regions.append(("subcutaneous_fat", Ellipsoid((s * 80.0, -98.0, 15.0), (60.0 + sat, 34.0 + sat, 90.0 + sat))))
     # skeletal muscle: trunk wall, limbs
     regions.append(("skeletal_muscle", core))
-    regions.append(("skeletal_muscle", _cavity(cav_scale, WALL_MM)))
+    regions.append(("skeletal_muscle", cavity_profile(cav_scale, WALL_MM)))
     for _name, s in _lr("x"):
         regions.append(("skeletal_muscle", _thigh(s, thigh_extra)))
         regions.append(("skeletal_muscle", _arm(s, arm_extra)))
     # abdominal and pelvic cavity: torso fat around the organs
-    regions.append(("torso_fat", _cavity(cav_scale)))
+    regions.append(("torso_fat", cavity_profile(cav_scale)))
 
     for name, shape in nominal_regions(body.sex) + spine_regions(disc_min_mm):
         factor = body.region_volume.get(name, 1.0)

@@ -31,8 +31,8 @@ from bodyage.simulate.anatomy import (
     BodyParams,
     GridSpec,
     Pose,
-    _cavity,
     body_z_scale,
+    cavity_profile,
     rasterise,
     subject_regions,
 )
@@ -112,7 +112,7 @@ def render_scan(spec: ScanSpec, grid: GridSpec, labels: LabelTable, noise_sd: fl
         target = spec.torso_fat_factor * v1
         scale = 1.0
         for _ in range(2):
-            cav = int((rasterise([("torso_fat", _cavity(scale))], grid, body, spec.pose, ids) == tf).sum())
+            cav = int((rasterise([("torso_fat", cavity_profile(scale))], grid, body, spec.pose, ids) == tf).sum())
             vt = int((internal == tf).sum())
             occupied = cav - vt
             if cav <= 0:
