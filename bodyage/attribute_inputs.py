@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from bodyage.attribution import BASELINES, IG_STEPS, check_methods
+from bodyage.attribution import BASELINES, DEFAULT_BASELINE, IG_STEPS, check_methods
 from bodyage.errors import InputError, RunError
 from bodyage.progress import NO_PROGRESS, Progress
 
@@ -41,7 +41,8 @@ class AttributeConfig:
     layer
         GradCAM stage (``block1`` …); ``None``: the one stored with the checkpoint.
     baseline
-        Baseline of ``ablation`` and ``shapley``: ``shift``, ``mean``, ``erase`` or ``blur``.
+        Baseline of ``ablation`` and ``shapley``: ``shift``, ``mean``, ``erase`` or ``blur``
+        (:data:`~bodyage.region_ops.DEFAULT_BASELINE`, chosen on the development scenario).
     samples
         Shapley permutations.
     ig_steps
@@ -60,7 +61,7 @@ class AttributeConfig:
 
     methods: tuple[str, ...] = ("gradcam", "ablation")
     layer: str | None = None
-    baseline: str = "shift"
+    baseline: str = DEFAULT_BASELINE
     samples: int = 25
     ig_steps: int = IG_STEPS
     batch_size: int = 8

@@ -18,17 +18,16 @@ batch of scans and returns values in **years** (the output scaled by the fold's 
     value of a region is f(x) − f(x with the region replaced by a baseline), in years ("the
     liver adds 1.8 years to this prediction"). Baselines (:data:`BASELINES`):
 
-    ``shift`` (default)
+    ``shift`` (*mean-signal ablation*; the default before the development-scenario choice)
         The region's intensities are moved, per channel, by the cohort-mean intensity of
         that region minus the scan's own region mean: the region keeps its internal
         structure (partial-volume edges, texture) and takes the cohort's mean signal.
         Removes what the region's *mean signal* says about this scan (its fat fraction or
         water signal against the cohort's) and nothing else, so the image stays as close
-        to a real scan as an intensity ablation can. Chosen as the default on evidence
-        (docs/history.md, "Attribution"): on the default synthetic study it ranked the planted
-        regions at least as well as ``mean`` in every training draw we ran (better in two
-        of four) and, unlike ``mean``, passes the weight-randomisation check. It cannot remove what a region's **size
-        or shape** says: the mask stays, so the model still sees where the boundary is
+        to a real scan as an intensity ablation can. It was the default, chosen on the default
+        synthetic study (docs/history.md, "Attribution"), the scenario its precision was then
+        reported on; the choice made on the development scenario replaced it. It cannot remove
+        what a region's **size or shape** says: the mask stays, so the model still sees where the boundary is
         (a volume effect shows up only through the partial-volume voxels at the edge).
     ``mean``
         Every voxel of the region takes the cohort-mean intensity of that region, per
@@ -42,10 +41,15 @@ batch of scans and returns values in **years** (the output scaled by the fold's 
         size and shape. Erasing a large region (torso fat, subcutaneous fat) makes an
         image unlike any training image, so its value mixes the region's information with
         the model's reaction to an out-of-distribution input.
-    ``blur``
+    ``blur`` (default, :data:`DEFAULT_BASELINE`)
         The region is replaced by a Gaussian-blurred copy of the scan (σ = 2 voxels of the
-        model grid): fine texture and small structures go, coarse intensity stays. Least
-        out of distribution, but keeps most of what a big region's mean intensity says.
+        model grid): fine texture, small structures and sharp edges go, coarse intensity
+        stays. Least out of distribution, but keeps most of what a big region's mean
+        intensity says. The default because ``reports/dev_selection.py`` chose it on the
+        development scenario (``--scenario dev``: the best precision@k of the four baselines;
+        docs/results/dev_selection.json); its precision is reported on ``default``, which it
+        was not chosen on. A question about a region's mean signal (fat fraction) is asked
+        with ``--baseline shift``.
 ``shapley``
     :class:`captum.attr.ShapleyValueSampling` over the same regions and baselines, with a
     sampling budget (``samples`` permutations). Region values of a scan (background
@@ -71,6 +75,7 @@ from bodyage.errors import InputError
 from bodyage.region_ops import BASELINES as BASELINES
 from bodyage.region_ops import BLUR_SIGMA_VOXELS as BLUR_SIGMA_VOXELS
 from bodyage.region_ops import COHORT_MEAN_BASELINES as COHORT_MEAN_BASELINES
+from bodyage.region_ops import DEFAULT_BASELINE as DEFAULT_BASELINE
 from bodyage.region_ops import AblationBaseline as AblationBaseline
 from bodyage.region_ops import _region_sums_torch as _region_sums_torch
 from bodyage.region_ops import baseline_images as baseline_images
@@ -217,7 +222,7 @@ def attribute_batch(
     n_labels: int,
     age_sd: float,
     layer: nn.Module | None = None,
-    baseline: str = "shift",
+    baseline: str = DEFAULT_BASELINE,
     cohort_means: torch.Tensor | None = None,
     samples: int = 25,
     ig_steps: int = IG_STEPS,
@@ -315,7 +320,7 @@ def group_ablation(
     groups: Sequence[Sequence[int]],
     *,
     age_sd: float,
-    baseline: str = "shift",
+    baseline: str = DEFAULT_BASELINE,
     cohort_means: torch.Tensor | None = None,
 ) -> npt.NDArray[np.float64]:
     """Joint ablation of region groups: f(x) − f(x with every member at its baseline), years.

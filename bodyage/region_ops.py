@@ -10,14 +10,14 @@ The baselines of the region-level methods (:data:`BASELINES`, built by
 :func:`baseline_images`; why each exists and what it cannot remove is in
 :mod:`bodyage.attribution`):
 
-``shift`` (default)
+``shift``
     Each region moved, per channel, by the cohort-mean intensity of that region minus the
     scan's own region mean: internal structure kept, the cohort's mean signal taken.
 ``mean``
     Every voxel of a region set to the cohort-mean intensity of that region, per channel.
 ``erase``
     Each region filled with the mean intensity of a one-voxel shell of tissue around it.
-``blur``
+``blur`` (default, :data:`DEFAULT_BASELINE`)
     A Gaussian-blurred copy of the scan (σ = :data:`BLUR_SIGMA_VOXELS` voxels of the model grid).
 
 ``shift`` and ``mean`` need the cohort's mean intensity per region and channel
@@ -41,6 +41,9 @@ AblationBaseline = Literal["shift", "mean", "erase", "blur"]
 
 #: baselines of the region-level methods (``--baseline``)
 BASELINES: tuple[AblationBaseline, ...] = ("shift", "mean", "erase", "blur")
+#: the default baseline, chosen on the development scenario by reports/dev_selection.py
+#: (docs/results/dev_selection.json) and reported on ``default``; ``shift`` before that
+DEFAULT_BASELINE: AblationBaseline = "blur"
 #: baselines built from the cohort's mean intensity per region (``cohort_means``)
 COHORT_MEAN_BASELINES: tuple[AblationBaseline, ...] = ("shift", "mean")
 #: σ of the ``blur`` baseline, in voxels of the model grid
