@@ -1,6 +1,6 @@
 """Choose the attribution defaults on the development scenario; write ``docs/results/dev_selection.json``.
 
-Usage: python reports/dev_selection.py --work DIR [--folds 5] [--epochs 40] [--seed 0]
+Usage: python reports/dev_selection.py --work DIR [--folds 5] [--epochs 40] [--seed 0] [--subjects N]
                                        [--layers block1,block2,block3,block4]
                                        [--baselines shift,mean,erase,blur] [--scans 120]
                                        [--out docs/results/dev_selection.json]
@@ -216,11 +216,43 @@ def score_candidates(run: Path, study: Path, args: argparse.Namespace) -> dict[s
 def study_size(study: Path) -> dict[str, Any]:
     """The dev study's subjects, scans and scenario seed, from its ``study.json`` (``None`` where it does not say)."""
     record = json.loads((study / "study.json").read_text(encoding="utf-8"))
+    args = record.get("arguments") or {}
+    command = f"bodyage simulate dev/study --scenario {args.get('scenario', 'dev')}"
+    if args.get("subjects") is not None:
+        command += f" --subjects {args['subjects']}"
     return {
         "subjects": record.get("n_subjects"),
         "study_scans": record.get("n_scans"),
         "scenario_seed": record.get("seed"),
+        "simulate_command": command,
     }
+
+
+def with_margins(res: dict[str, Any]) -> dict[str, Any]:
+    """Add what the page says of the choice: the chosen candidate's margin over the old default, and the floor.
+
+    Per method: ``best_precision`` (the chosen candidate's precision@k), ``default_precision``
+    (the old default's), ``margin_regions`` (their difference in planted regions, k x the
+    difference) and ``reaches_floor`` (the chosen precision@k at least the best model-free floor
+    of the dev study, ``floor_max``).
+    """
+    k = res.get("k") or 0
+    floor_max = (res.get("floors") or {}).get("floor_max")
+    for method, keys in (("gradcam", ("layer", "measure")), ("ablation", ("baseline",))):
+        entry = res.get(method)
+        if not entry:
+            continue
+
+        def precision(setting: dict[str, Any], keys: tuple[str, ...] = keys, entry: dict[str, Any] = entry) -> Any:
+            match = [c for c in entry["candidates"] if all(c.get(key) == setting.get(key) for key in keys)]
+            return match[0]["precision_at_k"] if match else None
+
+        best, before = precision(entry["chosen"]), precision(entry["default_before"])
+        entry["best_precision"], entry["default_precision"] = best, before
+        entry["margin_regions"] = round((best - before) * k) if best is not None and before is not None else None
+        entry["floor_max"] = floor_max
+        entry["reaches_floor"] = None if best is None or floor_max is None else best >= floor_max
+    return res
 
 
 def tables(res: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--subjects", type=int, default=None, help="subjects of the dev study [default: the scenario's]")
     ap.add_argument("--layers", default="block1,block2,block3,block4")
     ap.add_argument("--baselines", default="shift,mean,erase,blur")
     ap.add_argument("--scans", type=int, default=120, help="seeded sample of scans every candidate explains")
@@ -295,14 +328,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.settings_only:
         res = json.loads(args.out.read_text(encoding="utf-8"))
         res["settings"] |= study_size(study)
-        write_json(args.out, res)
+        write_json(args.out, with_margins(res))
         return
     started = utc_minute()
     load_start = load_average(1)
     names = {str(study): "dev/study", str(run): "dev/run"}
     steps = earlier_steps(args.steps_log, names, set(args.steps.split(",")))
     if not (study / "cohort.csv").is_file():
-        timed(["simulate", str(study), "--scenario", "dev"], steps, "simulate")
+        simulate = ["simulate", str(study), "--scenario", "dev"]
+        timed(simulate + (["--subjects", str(args.subjects)] if args.subjects else []), steps, "simulate")
     if not (run / "metrics.json").is_file():
         train = ["train", str(study), "--run", str(run), "--seed", str(args.seed)]
         train += ["--folds", str(args.folds), "--epochs", str(args.epochs), "--threads", "1", "--quiet"]
@@ -329,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         "scans": res.pop("n_scans"),
         **study_size(study),
     }
+    res = with_margins(res)
     res["model"] = {
         "mae": metrics["overall"]["mae"],
         "oracle_mae": metrics.get("oracle_mae"),

@@ -177,4 +177,35 @@ def test_dev_selection_settings_only_adds_the_study_size_and_keeps_the_rest(tmp_
     dev.main(["--work", str(tmp_path), "--study", str(study), "--out", str(out), "--settings-only"])
     res = json.loads(out.read_text())
     assert res["k"] == 7
-    assert res["settings"] == {"folds": 5, "scans": 120, "subjects": 1000, "study_scans": 1135, "scenario_seed": 1}
+    assert res["settings"] == {
+        "folds": 5,
+        "scans": 120,
+        "subjects": 1000,
+        "study_scans": 1135,
+        "scenario_seed": 1,
+        "simulate_command": "bodyage simulate dev/study --scenario dev",
+    }
+
+
+def test_dev_selection_margins_say_how_far_the_choice_is_from_the_old_default_and_the_floor() -> None:
+    res = {
+        "k": 10,
+        "floors": {"floor_max": 0.7},
+        "gradcam": {
+            "candidates": [
+                {"layer": "block1", "measure": "abs_mass", "precision_at_k": 0.2},
+                {"layer": "block4", "measure": "abs_density", "precision_at_k": 0.4},
+            ],
+            "chosen": {"layer": "block4", "measure": "abs_density"},
+            "default_before": {"layer": "block1", "measure": "abs_mass"},
+        },
+        "ablation": {
+            "candidates": [{"baseline": "shift", "precision_at_k": 0.6}, {"baseline": "blur", "precision_at_k": 0.7}],
+            "chosen": {"baseline": "blur"},
+            "default_before": {"baseline": "shift"},
+        },
+    }
+    out = dev.with_margins(res)
+    assert out["ablation"]["margin_regions"] == 1 and out["ablation"]["reaches_floor"] is True
+    assert out["gradcam"]["margin_regions"] == 2 and out["gradcam"]["reaches_floor"] is False
+    assert out["gradcam"]["best_precision"] == 0.4 and out["gradcam"]["default_precision"] == 0.2
