@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from docs_results import STAGE_RECORDS, minutes_between, read_json
-from provenance import RESULTS, load_average, machine, neutral_command, revision, utc_minute, write_json
+from provenance import RESULTS, cpu_flags, load_average, machine, neutral_command, revision, utc_minute, write_json
 
 #: environment of each kind of CPU: the machine's own kernels, and nothing wider than AVX2
 KINDS: dict[str, dict[str, str]] = {
@@ -60,16 +60,6 @@ def capability(kind: str) -> str:
     code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     out = subprocess.run([sys.executable, "-c", code], env=env_for(kind), capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
-
-
-def cpu_flags() -> dict[str, bool]:
-    """Which of :data:`KIND_FLAGS` ``lscpu`` lists for this CPU."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags:")), [])
-    return {f: f in flags for f in KIND_FLAGS}
 
 
 def seconds_per_epoch(run: Path) -> float | None:
@@ -195,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = read_json(demo / "run" / "metrics.json") or {}
         avx2_demo = {"capability": caps["avx2"], "minutes": demo_minutes(demo), "mae": metrics.get("mae"), **step}
 
-    here = machine(bf16=True) | {"flags": cpu_flags(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    here = machine(bf16=True) | {"flags": cpu_flags(KIND_FLAGS), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     native_page = read_json(RESULTS / "demo.json") or {}
     native = native_page.get("minutes") or {}
     probe_ratio = ratio(rows)

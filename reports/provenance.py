@@ -108,6 +108,12 @@ def cpu_model() -> str | None:
     return _lscpu()[0]
 
 
+def cpu_flags(names: Sequence[str]) -> dict[str, bool]:
+    """Which of ``names`` the CPU's ``lscpu`` flags list (``{}`` where ``lscpu`` cannot run)."""
+    flags = _lscpu()[1]
+    return {name: name in flags for name in names} if flags else {}
+
+
 def machine(*, bf16: bool = False) -> dict[str, Any]:
     """The machine a measurement ran on: CPU model and count, platform.
 

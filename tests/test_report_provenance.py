@@ -105,3 +105,10 @@ def test_scripts_import_the_shared_module_when_run_as_files(script: str, tmp_pat
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage:")
+
+
+def test_cpu_flags_reads_the_named_lscpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prov, "_lscpu", lambda: ("AMD EPYC", frozenset({"avx2", "avx512f"})))
+    assert prov.cpu_flags(["avx2", "amx_bf16"]) == {"avx2": True, "amx_bf16": False}
+    monkeypatch.setattr(prov, "_lscpu", lambda: (None, frozenset()))
+    assert prov.cpu_flags(["avx2"]) == {}
