@@ -115,12 +115,20 @@ def summary(probe_ratio: float | None, avx2_demo: dict[str, Any] | None, native_
     return " ".join(parts)
 
 
-def tables(rows: list[dict[str, Any]], avx2_demo: dict[str, Any] | None, native: dict[str, Any]) -> dict[str, Any]:
+def tables(
+    rows: list[dict[str, Any]], avx2_demo: dict[str, Any] | None, native: dict[str, Any], native_mae: Any = None
+) -> dict[str, Any]:
     """The page's tables ({"columns", "rows"}): the side-by-side probe and the demo's stages by kind."""
     probe = {
         "columns": ["kernels", "repeat", "torch reports", "s / epoch", "load before"],
         "rows": [
-            [r["kind"], r["repeat"], r["capability"], _fmt(r["seconds_per_epoch"], 1), _fmt(r["load_start"], 1)]
+            [
+                r["kind"],
+                r["repeat"],
+                r["capability"],
+                _fmt(r["seconds_per_epoch"], 1),
+                _fmt((r["load_start"] or [None])[0], 1),
+            ]
             for r in rows
         ],
     }
@@ -128,7 +136,8 @@ def tables(rows: list[dict[str, Any]], avx2_demo: dict[str, Any] | None, native:
     emulated = (avx2_demo or {}).get("minutes", {})
     demo = {
         "columns": ["stage", "this CPU's kernels (demo page)", "AVX2 kernels (emulated)"],
-        "rows": [[s, _fmt(native.get(s), 1), _fmt(emulated.get(s), 1)] for s in stages],
+        "rows": [[s, _fmt(native.get(s), 1), _fmt(emulated.get(s), 1)] for s in stages]
+        + [["out-of-fold MAE (years)", _fmt(native_mae, 2), _fmt((avx2_demo or {}).get("mae"), 2)]],
     }
     return {"probe": probe, "demo": demo}
 
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             run = work / "probe" / f"{kind}_{repeat}"
             cmd = ["train", str(study), "--run", str(run), "--folds", "2", "--epochs", str(args.epochs)]
             cmd += ["--threads", str(args.threads), "--seed", str(repeat), "--quiet"]
-            step = {"minutes": None, "load_start": load_average(1), "load_end": None}
+            step: dict[str, Any] = {"minutes": None, "load_start": None, "load_end": None}  # finished before
             if seconds_per_epoch(run) is None:
                 step = run_bodyage(cmd, kind)
             rows.append({"kind": kind, "repeat": repeat, "capability": caps[kind]} | step)
@@ -181,9 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     avx2_demo = None
     if args.demo:
         demo = work / "demo_avx2"
-        step = run_bodyage(["demo", str(demo)], "avx2") if demo_minutes(demo)["total"] is None else {}
-        metrics = read_json(demo / "run" / "metrics.json") or {}
-        avx2_demo = {"capability": caps["avx2"], "minutes": demo_minutes(demo), "mae": metrics.get("mae"), **step}
+        wall = run_bodyage(["demo", str(demo)], "avx2") if demo_minutes(demo)["total"] is None else None
+        overall = (read_json(demo / "run" / "metrics.json") or {}).get("overall") or {}
+        avx2_demo = {"capability": caps["avx2"], "minutes": demo_minutes(demo), "mae": overall.get("mae"), "wall": wall}
 
     here = machine(bf16=True) | {"flags": cpu_flags(KIND_FLAGS), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     native_page = read_json(RESULTS / "demo.json") or {}
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         "demo_native_source": (native_page.get("source") or {}).get("run_started"),
         "goal_minutes": DEMO_MINUTES_GOAL,
         "summary": summary(probe_ratio, avx2_demo, native.get("total")),
-        "tables": tables(rows, avx2_demo, native),
+        "tables": tables(rows, avx2_demo, native, native_page.get("mae")),
         "source": {
             "script": "reports/cpu_kinds.py",
             "command": neutral_command(["python", "reports/cpu_kinds.py", *(argv or sys.argv[1:])], names),

@@ -62,8 +62,42 @@ def test_seconds_per_epoch_needs_a_finished_run(tmp_path):
 
 
 def test_tables_show_missing_numbers_as_a_dash():
-    rows = [{"kind": "avx2", "repeat": 0, "capability": "AVX2", "seconds_per_epoch": None, "load_start": 0.5}]
+    rows = [
+        {"kind": "avx2", "repeat": 0, "capability": "AVX2", "seconds_per_epoch": None, "load_start": [0.5, 0.4, 0.3]}
+    ]
     out = ck.tables(rows, None, {"train": 4.9})
     assert out["probe"]["rows"][0][3] == "–"
     train = next(r for r in out["demo"]["rows"] if r[0] == "train")
     assert train == ["train", "4.9", "–"]
+
+
+def test_main_writes_the_probe_and_the_demo_minutes_without_running_torch(tmp_path, monkeypatch):
+    # the demo's stage minutes stay a dict beside the command's wall time (a run once crashed here)
+    monkeypatch.setattr(ck, "capability", lambda kind: {"native": "AVX512", "avx2": "AVX2"}[kind])
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.json").write_text("{}", encoding="utf-8")
+
+    def fake_bodyage(args, kind):
+        if args[0] == "train":
+            run = tmp_path / args[args.index("--run") + 1]
+            run.mkdir(parents=True)
+            seconds = 3.0 if kind == "avx2" else 2.0
+            (run / "training_log.csv").write_text(f"fold,epoch,seconds\n0,0,{seconds}\n", encoding="utf-8")
+            (run / "metrics.json").write_text("{}", encoding="utf-8")
+        else:  # the demo
+            demo = tmp_path / args[1]
+            t = "2026-12-02T10:{:02d}:00+00:00"
+            for i, rel in enumerate(ck.STAGE_RECORDS.values()):
+                _record(demo / rel, t.format(3 * i), t.format(3 * i + 3))
+            (demo / "run" / "metrics.json").write_text(json.dumps({"overall": {"mae": 6.5}}), encoding="utf-8")
+        return {"minutes": 1.0, "load_start": [0.1], "load_end": [0.2]}
+
+    monkeypatch.setattr(ck, "run_bodyage", fake_bodyage)
+    out = tmp_path / "cpu_kinds.json"
+    ck.main(["--work", str(tmp_path), "--study", str(study), "--repeats", "1", "--demo", "--out", str(out)])
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["ratio_avx2_over_native"] == pytest.approx(1.5)
+    assert res["demo_avx2"]["minutes"]["total"] == pytest.approx(15.0) and res["demo_avx2"]["mae"] == 6.5
+    assert "15.0 min with AVX2 kernels (over the 10-minute goal)" in res["summary"]
+    assert str(tmp_path) not in json.dumps(res)
