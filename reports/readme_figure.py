@@ -5,7 +5,8 @@
 
 The left panel is the PNG that ``--save-maps`` wrote (a scan's GradCAM map with the region
 contours); the right one redraws the 15 most important regions of ``attributions.parquet``
-(ablation, mean |mass| with a 95% CI, the regions with planted ageing in colour), since
+(ablation, mean |mass| with the min-max over the fold models from ``attribution_stability.csv``,
+the regions with planted ageing in colour), since
 the run's own figure lists all 53 regions and is too tall to read at this size.
 """
 
@@ -23,19 +24,28 @@ import numpy as np
 import pandas as pd
 
 
-def _importance(ax: plt.Axes, run: Path, planted: set[str], method: str = "ablation", top: int = 15) -> None:
-    att = pd.read_parquet(run / "attributions.parquet")
-    sub = att[att["method"] == method]
-    g = sub["mass"].abs().groupby(sub["region"])
-    stats = pd.DataFrame({"mean": g.mean(), "se": g.std(ddof=1) / np.sqrt(g.count())}).nlargest(top, "mean")[::-1]
+def _importance(ax: plt.Axes, run: Path, planted: set[str], method: str = "ablation", top: int = 15) -> int:
+    """Draw the ``top`` regions of ``method`` with the min-max over fold models; return the number of folds.
+
+    From ``attribution_stability.csv``: the bar is a region's importance (mean |mass| over
+    scans), the whisker the smallest and largest importance over the fold models - how far a
+    re-trained model moves it, the larger variance than the per-scan standard error.
+    """
+    path = run / "attribution_stability.csv"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; `bodyage attribute` writes it")
+    table = pd.read_csv(path)
+    stats = table[table["method"] == method].set_index("region").nlargest(top, "importance")[::-1]
     y = np.arange(len(stats))
     colours = ["#d95f02" if r in planted else "#999999" for r in stats.index]
-    ax.barh(y, stats["mean"], xerr=1.96 * stats["se"], color=colours, ecolor="#333333")
+    whiskers = np.vstack([stats["importance"] - stats["fold_min"], stats["fold_max"] - stats["importance"]])
+    ax.barh(y, stats["importance"], xerr=whiskers, color=colours, ecolor="#333333")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#d95f02", "#999999")]
     ax.legend(handles, ["planted ageing", "not planted"], loc="lower right", fontsize=9)
     ax.set_yticks(y, [str(r).replace("_", " ") for r in stats.index], fontsize=9)
     ax.set_xlabel("mean |change in predicted age| when ablated (years)")
     ax.grid(axis="x", alpha=0.3)
+    return int(stats["n_folds"].max())
 
 
 def main(demo: Path, out: Path) -> None:
@@ -52,9 +62,12 @@ def main(demo: Path, out: Path) -> None:
     axes[0].set_title("one scan: signed GradCAM (years) with the region contours", fontsize=11)
     truth = json.loads((demo / "study" / "truth.json").read_text())
     planted = {r for r, v in truth["region_information"].items() if v > 0}
-    _importance(axes[1], run, planted)
+    folds = _importance(axes[1], run, planted)
     baseline = json.loads((run / "attribute.json").read_text())["arguments"]["baseline"]
-    axes[1].set_title(f"ablation ({baseline} baseline): the 15 most important regions (95% CI)", fontsize=11)
+    axes[1].set_title(
+        f"ablation ({baseline} baseline): the 15 most important regions\n(whiskers: min-max over {folds} fold models)",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=80)
 
